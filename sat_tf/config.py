@@ -1,0 +1,310 @@
+"""Typed experiment configuration.
+
+An :class:`Experiment` is the single object the command-line programs build (from a named
+preset plus flag overrides) and hand to the library. Nothing below ``run/`` reads flags.
+
+Each section belongs to one part of the library (DESIGN.md §2):
+``model`` -> sat_tf.models, ``data`` -> sat_tf.data, ``train_attack`` / ``eval_attack`` ->
+sat_tf.attacks, ``train`` -> sat_tf.training, ``runtime`` -> sat_tf.distribute,
+``evaluation`` -> sat_tf.evaluation.
+
+``validate()`` checks every field that can be checked without TensorFlow and raises a
+one-line ``ValueError`` naming the bad value and the valid choices, so bad input fails before
+any work starts.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from sat_tf import names
+
+DATASETS = ("synthetic", "cifar10", "imagenet")
+DATA_SOURCES = ("tfrecord", "tfds")
+AUGMENTATIONS = ("none", "randaugment", "autoaugment")
+CIFAR_PADDINGS = ("reflect", "zero")
+NORMALIZATIONS = ("sat", "imagenet")
+STEMS = ("imagenet", "cifar")
+OPTIMIZERS = ("sgd_nesterov", "sgd", "rmsprop", "adam")
+LR_SCHEDULES = ("step", "cosine", "exponential", "constant")
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
+MIXED_PRECISION = ("none", "mixed_bfloat16", "mixed_float16")
+ATTACK_MODES = ("untargeted", "targeted")
+
+
+def _choice(what: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"Invalid {what} {value!r}; valid choices: {', '.join(map(str, choices))}.")
+
+
+def _positive(what: str, value, allow_zero: bool = False) -> None:
+    ok = value is not None and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"Invalid {what} {value!r}; it must be {bound}.")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet-50"
+    activation: str = "relu"
+    num_classes: int | None = None         # None: the dataset's class count
+    image_size: int | None = None          # None: the model's default (EfficientNet table) / dataset's
+    normalization: str = "sat"             # "sat": x*2/255-1; "imagenet": mean/std
+    stem: str | None = None                # ResNet only; None: "cifar" for 32x32 inputs, else "imagenet"
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    dropout_rate: float | None = None      # None: the model's default (EfficientNet table)
+    drop_connect_rate: float | None = None  # None: the model's default (EfficientNet 0.2)
+
+    def validate(self) -> None:
+        names.model(self.name)
+        names.activation(self.activation)
+        _choice("normalization", self.normalization, NORMALIZATIONS)
+        if self.stem is not None:
+            _choice("stem", self.stem, STEMS)
+        if self.num_classes is not None:
+            _positive("num_classes", self.num_classes)
+        if self.image_size is not None:
+            _positive("image_size", self.image_size)
+        if not 0.0 <= self.bn_momentum < 1.0:
+            raise ValueError(f"Invalid bn_momentum {self.bn_momentum!r}; it must be in [0, 1).")
+        _positive("bn_epsilon", self.bn_epsilon)
+        for what in ("dropout_rate", "drop_connect_rate"):
+            v = getattr(self, what)
+            if v is not None and not 0.0 <= v < 1.0:
+                raise ValueError(f"Invalid {what} {v!r}; it must be in [0, 1).")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"
+    data_dir: str | None = None            # TFRecord folder (local or gs://), or TFDS data_dir
+    source: str = "tfrecord"               # "tfrecord" (our/official shards) or "tfds"
+    manual_dir: str | None = None          # TFDS imagenet2012 manual download folder
+    augment: str = "none"                  # ImageNet train: "randaugment" (N=2, M=10) / "autoaugment"
+    randaugment_layers: int = 2
+    randaugment_magnitude: float = 10.0
+    cifar_padding: str = "reflect"
+    shuffle_buffer: int = 10_000
+    seed: int = 0
+    cache_eval: bool = False
+    skip_corrupt: bool = False
+    # Synthetic data (smoke runs and tests): a learnable task, class-coloured noise.
+    synthetic_image_size: int = 32
+    synthetic_num_classes: int = 10
+    synthetic_train_examples: int = 1024
+    synthetic_eval_examples: int = 256
+
+    def validate(self) -> None:
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("data source", self.source, DATA_SOURCES)
+        _choice("augmentation", self.augment, AUGMENTATIONS)
+        _choice("cifar_padding", self.cifar_padding, CIFAR_PADDINGS)
+        _positive("shuffle_buffer", self.shuffle_buffer)
+        _positive("synthetic_image_size", self.synthetic_image_size)
+        _positive("synthetic_num_classes", self.synthetic_num_classes)
+        _positive("synthetic_train_examples", self.synthetic_train_examples)
+        _positive("synthetic_eval_examples", self.synthetic_eval_examples)
+        if self.dataset == "imagenet" and self.source == "tfrecord" and not self.data_dir:
+            raise ValueError("dataset 'imagenet' needs data_dir (a folder of train-*/validation-* TFRecords).")
+
+
+@dataclass
+class AttackConfig:
+    """L-infinity PGD in pixel units of [0, 255] (epsilon 4 means 4/255)."""
+
+    epsilon: float = 4.0
+    step_size: float = 4.0
+    num_steps: int = 1
+    random_start: bool = True
+    clean_start_prob: float = 0.2          # probability a batch starts from the clean image
+    mode: str = "untargeted"
+    backward: str | None = None            # Table 1: the attacker's backward rule (None: natural)
+
+    def validate(self) -> None:
+        _positive("attack epsilon", self.epsilon, allow_zero=True)
+        _positive("attack step size", self.step_size, allow_zero=True)
+        _positive("attack steps", self.num_steps, allow_zero=True)
+        if not 0.0 <= self.clean_start_prob <= 1.0:
+            raise ValueError(f"Invalid clean_start_prob {self.clean_start_prob!r}; it must be in [0, 1].")
+        _choice("attack mode", self.mode, ATTACK_MODES)
+        names.backward_rule(self.backward)
+
+
+@dataclass
+class TrainConfig:
+    adversarial: bool = True               # False: clean training with the same code (baselines)
+    global_batch_size: int = 256
+    train_epochs: float | None = 100       # one of train_epochs / train_steps
+    train_steps: int | None = None
+    num_train_examples: int | None = None  # None: the dataset's
+    optimizer: str = "sgd_nesterov"
+    momentum: float = 0.9
+    rmsprop_decay: float = 0.9
+    optimizer_epsilon: float = 1e-3        # RMSProp epsilon of the EfficientNet recipe
+    base_learning_rate: float = 0.1        # per 256 images; scaled by global_batch_size / 256
+    lr_schedule: str = "step"
+    warmup_epochs: float = 5.0
+    decay_boundaries: tuple[float, ...] = (30.0, 60.0, 90.0)  # epochs, for "step"
+    decay_factor: float = 0.1              # "step": multiply at each boundary
+    decay_epochs: float = 2.4              # "exponential": every decay_epochs ...
+    decay_rate: float = 0.97               # ... multiply by decay_rate
+    weight_decay: float = 1e-4             # wd * 0.5 * sum(w^2) over non-batch-norm weights
+    label_smoothing: float = 0.1
+    ema_decay: float | None = None         # e.g. 0.9999; None: no EMA
+    optimizer_backward: str | None = None  # Table 1: the optimizer's backward rule (None: natural)
+    steps_per_loop: int = 100
+    checkpoint_every_steps: int = 1000
+    max_checkpoints_to_keep: int = 5
+    summary_every_steps: int = 100
+    eval_every_steps: int | None = None    # None: evaluate only at the end
+    eval_steps: int | None = None          # None: the whole validation split
+    seed: int = 0
+
+    def validate(self) -> None:
+        _positive("global batch size", self.global_batch_size)
+        if self.train_steps is None and self.train_epochs is None:
+            raise ValueError("Set one of train_epochs or train_steps.")
+        if self.train_steps is not None:
+            _positive("train_steps", self.train_steps)
+        if self.train_epochs is not None:
+            _positive("train_epochs", self.train_epochs)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("learning-rate schedule", self.lr_schedule, LR_SCHEDULES)
+        _positive("base learning rate", self.base_learning_rate)
+        _positive("warmup_epochs", self.warmup_epochs, allow_zero=True)
+        _positive("weight_decay", self.weight_decay, allow_zero=True)
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"Invalid label_smoothing {self.label_smoothing!r}; it must be in [0, 1).")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"Invalid ema_decay {self.ema_decay!r}; it must be in (0, 1).")
+        _positive("steps_per_loop", self.steps_per_loop)
+        _positive("checkpoint_every_steps", self.checkpoint_every_steps)
+        _positive("summary_every_steps", self.summary_every_steps)
+        if self.eval_every_steps is not None:
+            _positive("eval_every_steps", self.eval_every_steps)
+        names.backward_rule(self.optimizer_backward)
+
+
+@dataclass
+class RuntimeConfig:
+    strategy: str = "default"
+    tpu: str | None = None                 # TPU name, grpc:// address, or "local" (TPU VM)
+    num_gpus: int | None = None            # mirrored: None uses every visible GPU
+    mixed_precision: str = "none"
+    jit_compile: bool = False
+    deterministic: bool = False            # tf.config.experimental.enable_op_determinism
+
+    def validate(self) -> None:
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("mixed precision policy", self.mixed_precision, MIXED_PRECISION)
+        if self.strategy == "tpu" and not self.tpu:
+            raise ValueError("strategy 'tpu' needs a TPU name, address or 'local'.")
+        if self.num_gpus is not None:
+            _positive("num_gpus", self.num_gpus, allow_zero=True)
+
+
+@dataclass
+class EvalConfig:
+    """Robustness evaluation: every combination of steps x epsilons x modes is run."""
+
+    attack_steps: tuple[int, ...] = (10, 20, 50)
+    attack_epsilons: tuple[float, ...] = (4.0,)
+    attack_step_size: float = 1.0
+    attack_restarts: int = 1
+    attack_modes: tuple[str, ...] = ("untargeted",)
+    random_start: bool = True
+    global_batch_size: int = 100
+    use_ema: bool = True                   # evaluate EMA weights when the run kept them
+
+    def validate(self) -> None:
+        for s in self.attack_steps:
+            _positive("attack steps", s, allow_zero=True)
+        for e in self.attack_epsilons:
+            _positive("attack epsilon", e, allow_zero=True)
+        _positive("attack step size", self.attack_step_size, allow_zero=True)
+        _positive("attack restarts", self.attack_restarts)
+        for m in self.attack_modes:
+            _choice("attack mode", m, ATTACK_MODES)
+        _positive("eval batch size", self.global_batch_size)
+
+
+@dataclass
+class Experiment:
+    name: str = "custom"
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train_attack: AttackConfig = field(default_factory=AttackConfig)
+    eval_attack: AttackConfig = field(
+        default_factory=lambda: AttackConfig(
+            epsilon=4.0, step_size=1.0, num_steps=10, random_start=True, clean_start_prob=0.0))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    model_dir: str | None = None
+    # The paper's reported numbers this experiment targets, e.g. {"clean": 69.7, "pgd": 42.3}.
+    paper: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> "Experiment":
+        for section in (self.model, self.data, self.train_attack, self.eval_attack,
+                        self.train, self.runtime, self.evaluation):
+            section.validate()
+        return self
+
+    def replace(self, **overrides) -> "Experiment":
+        """A deep copy with dotted-path overrides: ``exp.replace(**{"model.activation": "silu"})``."""
+        new = copy.deepcopy(self)
+        for path, value in overrides.items():
+            set_field(new, path, value)
+        return new
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Experiment":
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in d:
+                continue
+            v = d[f.name]
+            sub = _SECTION_TYPES.get(f.name)
+            if sub is not None and isinstance(v, dict):
+                v = _section_from_dict(sub, v)
+            kwargs[f.name] = v
+        return cls(**kwargs)
+
+
+_SECTION_TYPES = {
+    "model": ModelConfig, "data": DataConfig, "train_attack": AttackConfig,
+    "eval_attack": AttackConfig, "train": TrainConfig, "runtime": RuntimeConfig,
+    "evaluation": EvalConfig,
+}
+
+
+def _section_from_dict(cls, d: dict):
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ValueError(f"Unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(names)}.")
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+    return cls(**kwargs)
+
+
+def set_field(exp: Experiment, path: str, value) -> None:
+    """Sets ``section.field`` (or a top-level field) on ``exp``; unknown paths are an error."""
+    parts = path.split(".")
+    obj = exp
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(obj)]
+        if part not in names:
+            where = ".".join(parts[:i]) or "Experiment"
+            raise ValueError(f"Unknown config field {path!r}: {where} has {', '.join(names)}.")
+        if i == len(parts) - 1:
+            setattr(obj, part, value)
+        else:
+            obj = getattr(obj, part)
