@@ -1,0 +1,140 @@
+"""Clean and attacked accuracy over a whole split (DESIGN.md §2).
+
+``evaluate`` is the one evaluation loop of the project: the trainer's periodic evaluation and
+``run/eval.py`` both call it. It consumes an eval dataset of ``(images, labels, mask)`` batches
+(sat_tf.data's eval contract: every example once, padding masked out), optionally distributed
+with a strategy, and counts per example:
+
+* clean top-1 / top-5;
+* for each attack, correct under *every* restart (and on the clean image): an example counts
+  as robust to an attack only if no restart fooled it;
+* ``robust``: the worst case over all attacks run — robust only if every attack failed;
+* input-gradient health on the clean images (all-zero or non-finite gradients hint at
+  gradient masking).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from sat_tf import attacks as attacks_lib
+from sat_tf.config import AttackConfig
+
+
+def _call(model, images):
+    if isinstance(model, keras.Layer):
+        return model(images, training=False)
+    return model(images)
+
+
+def _batch_counts(model, images, labels, mask, attack_list, restarts, seed):
+    """Per-replica sums for one batch (runs inside strategy.run / tf.function)."""
+    labels = tf.cast(labels, tf.int32)
+    mask = tf.cast(mask, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(images)
+        logits = tf.cast(_call(model, images), tf.float32)
+        loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+    grads = tape.gradient(loss, images)
+    flat = tf.reshape(grads, [tf.shape(grads)[0], -1])
+    nonfinite = tf.logical_not(tf.reduce_all(tf.math.is_finite(flat), axis=1))
+    zero = tf.logical_and(tf.logical_not(nonfinite), tf.reduce_all(tf.equal(flat, 0.0), axis=1))
+
+    k = min(5, logits.shape[-1])
+    top1 = tf.math.in_top_k(labels, logits, 1)
+    top5 = tf.math.in_top_k(labels, logits, k)
+    robust = top1
+    per_attack = []
+    for a, cfg in enumerate(attack_list):
+        correct = top1
+        for r in range(restarts):
+            s = tf.random.experimental.stateless_fold_in(
+                tf.random.experimental.stateless_fold_in(seed, a), r)
+            adv = attacks_lib.pgd(model, images, labels, cfg, seed=s)
+            pred = tf.argmax(tf.cast(_call(model, adv), tf.float32), axis=-1, output_type=tf.int32)
+            correct = tf.logical_and(correct, tf.equal(pred, labels))
+        per_attack.append(tf.reduce_sum(tf.cast(correct, tf.float32) * mask))
+        robust = tf.logical_and(robust, correct)
+
+    masked = lambda b: tf.reduce_sum(tf.cast(b, tf.float32) * mask)
+    per_attack = tf.stack(per_attack) if per_attack else tf.zeros([0], tf.float32)
+    return (tf.reduce_sum(mask), masked(top1), masked(top5), per_attack, masked(robust),
+            masked(zero), masked(nonfinite))
+
+
+def evaluate(model, dataset, attacks: Sequence[AttackConfig] = (), *, strategy=None,
+             restarts: int = 1, seed: int = 0, max_batches: int | None = None,
+             progress: Callable[[int, int], None] | None = None) -> dict:
+    """Clean and robust accuracy of ``model`` over ``dataset``.
+
+    Args:
+      model: a Keras model (called with training=False) or a callable images -> logits.
+      dataset: a ``tf.data.Dataset`` of global ``(images, labels, mask)`` batches, or one
+        already distributed with ``strategy``.
+      attacks: PGD settings to run; each is repeated ``restarts`` times with new random starts.
+      strategy: a ``tf.distribute.Strategy``; None evaluates on the default device.
+      seed: base seed; batch b on replica r attacks with seed fold_in((seed, b), r).
+      max_batches: stop after this many batches (None: the whole dataset).
+      progress: called as progress(batches_done, examples_done) after each batch.
+
+    Returns:
+      a dict of counts and accuracies (fractions in [0, 1]); see the module doc.
+    """
+    if restarts < 1:
+        raise ValueError(f"Invalid restarts {restarts!r}; it must be >= 1.")
+    attack_list = list(attacks)
+    strategy = strategy or tf.distribute.get_strategy()
+    if isinstance(dataset, tf.data.Dataset):
+        dataset = strategy.experimental_distribute_dataset(dataset)
+
+    @tf.function
+    def run_batch(inputs, batch_index):
+        def replica_fn(images, labels, mask):
+            ctx = tf.distribute.get_replica_context()
+            s = tf.random.experimental.stateless_fold_in(
+                tf.stack([tf.constant(seed, tf.int64), tf.cast(batch_index, tf.int64)]),
+                ctx.replica_id_in_sync_group)
+            return _batch_counts(model, images, labels, mask, attack_list, restarts, s)
+
+        out = strategy.run(replica_fn, args=inputs)
+        return tf.nest.map_structure(
+            lambda t: strategy.reduce(tf.distribute.ReduceOp.SUM, t, axis=None), out)
+
+    start = time.time()
+    totals = None
+    batches = 0
+    for inputs in dataset:
+        if max_batches is not None and batches >= max_batches:
+            break
+        counts = [np.asarray(c, np.float64) for c in run_batch(inputs, tf.constant(batches))]
+        totals = counts if totals is None else [t + c for t, c in zip(totals, counts)]
+        batches += 1
+        if progress is not None:
+            progress(batches, int(round(totals[0])))
+    if totals is None:
+        raise ValueError("The evaluation dataset is empty.")
+
+    n, top1, top5, per_attack, robust, zero, nonfinite = totals
+    frac = lambda c: float(c) / n if n else 0.0
+    return {
+        "examples": int(round(n)),
+        "batches": batches,
+        "clean_top1": frac(top1),
+        "clean_top5": frac(top5),
+        "clean_correct": int(round(top1)),
+        "attacks": [
+            {"config": dataclasses.asdict(cfg), "restarts": restarts,
+             "correct": int(round(c)), "accuracy": frac(c)}
+            for cfg, c in zip(attack_list, np.atleast_1d(per_attack))
+        ],
+        "robust_correct": int(round(robust)),
+        "robust": frac(robust),
+        "zero_gradient_fraction": frac(zero),
+        "nonfinite_gradient_fraction": frac(nonfinite),
+        "seconds": time.time() - start,
+    }
