@@ -142,6 +142,14 @@ def derivative(name: str, x, *, alpha: float | None = None):
     raise AssertionError(name)
 
 
+def smooth_relu_dbeta(x, beta):
+    """d/dbeta of smooth_relu(x, beta**2) (alpha = beta**2), in closed form."""
+    a = beta * beta
+    r = ops.relu(x)
+    d_alpha = ops.log1p(a * r) / (a * a) - r / (a * (a * r + 1.0))
+    return 2.0 * beta * d_alpha
+
+
 def with_backward(forward_fn, rule: str):
     """Wraps y = forward_fn(x) so that dy/dx is ``derivative(rule, x)`` instead."""
 
@@ -152,14 +160,41 @@ def with_backward(forward_fn, rule: str):
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
-            # The surrogate derivative is evaluated in float32 for bfloat16 inputs.
-            xf = ops.cast(x, "float32")
-            d = ops.cast(derivative(rule, xf), upstream.dtype)
-            return upstream * d
+            return upstream * _surrogate(rule, x, upstream.dtype)
 
         return y, grad
 
     return fn
+
+
+def smooth_relu_with_backward(rule: str):
+    """smooth_relu(x, beta**2) with dy/dx = ``derivative(rule, x)`` and the true dy/dbeta.
+
+    beta is an explicit input (a tensor, not the layer's variable), so that no variable is
+    read inside the custom-gradient function.
+    """
+
+    @ops.custom_gradient
+    def fn(x, beta):
+        y = smooth_relu(x, beta * beta)
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            dx = upstream * _surrogate(rule, x, upstream.dtype)
+            up32 = ops.cast(upstream, "float32")
+            x32, beta32 = ops.cast(x, "float32"), ops.cast(beta, "float32")
+            dbeta = ops.sum(up32 * smooth_relu_dbeta(x32, beta32))
+            return dx, ops.cast(dbeta, beta.dtype)
+
+        return y, grad
+
+    return fn
+
+
+def _surrogate(rule, x, dtype):
+    # The surrogate derivative is evaluated in float32 for bfloat16 / float16 inputs.
+    return ops.cast(derivative(rule, ops.cast(x, "float32")), dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,13 +231,15 @@ class Activation(keras.layers.Layer):
             )
 
     def _forward(self, x):
-        if self.activation == "smooth_relu":
-            beta = ops.cast(self.beta, x.dtype)
-            return smooth_relu(x, beta * beta)
         return forward(self.activation, x, alpha=self.alpha)
 
     def call(self, x):
         rule = current_backward_rule()
+        if self.activation == "smooth_relu":
+            beta = ops.cast(ops.convert_to_tensor(self.beta), x.dtype)
+            if rule is None:
+                return smooth_relu(x, beta * beta)
+            return smooth_relu_with_backward(rule)(x, beta)
         if rule is None:
             return self._forward(x)
         return with_backward(self._forward, rule)(x)
