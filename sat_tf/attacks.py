@@ -20,6 +20,8 @@ from sat_tf.config import AttackConfig
 
 PIXEL_MIN = 0.0
 PIXEL_MAX = 255.0
+# One RNG algorithm everywhere, so eager, graph and XLA runs draw the same random start.
+RNG_ALG = "philox"
 
 
 def _logits(model, images):
@@ -49,7 +51,8 @@ def project(x_adv, x, epsilon):
 
 def random_targets(labels, num_classes: int, seed):
     """Uniformly random target labels, each different from its true label."""
-    offset = tf.random.stateless_uniform(tf.shape(labels), seed, 1, num_classes, dtype=tf.int32)
+    offset = tf.random.stateless_uniform(tf.shape(labels), seed, 1, num_classes, dtype=tf.int32,
+                                           alg=RNG_ALG)
     return (tf.cast(labels, tf.int32) + offset) % num_classes
 
 
@@ -82,17 +85,17 @@ def pgd(model, images, labels, config: AttackConfig, *, seed=None, targets=None)
     if targeted:
         if targets is None:
             targets = random_targets(labels, _num_classes(model, images),
-                                     tf.random.experimental.stateless_fold_in(seed, 2))
+                                     tf.random.experimental.stateless_fold_in(seed, 2, alg=RNG_ALG))
         attack_labels, direction = tf.cast(targets, tf.int32), -1.0
     else:
         attack_labels, direction = labels, 1.0
 
     x_adv = images
     if config.random_start:
-        noise = tf.random.stateless_uniform(tf.shape(images), seed, -1.0, 1.0) * eps
+        noise = tf.random.stateless_uniform(tf.shape(images), seed, -1.0, 1.0, alg=RNG_ALG) * eps
         if config.clean_start_prob > 0:
             coin = tf.random.stateless_uniform(
-                [], tf.random.experimental.stateless_fold_in(seed, 1))
+                [], tf.random.experimental.stateless_fold_in(seed, 1, alg=RNG_ALG), alg=RNG_ALG)
             noise = tf.where(coin < config.clean_start_prob, tf.zeros_like(noise), noise)
         x_adv = project(images + noise, images, eps)
 

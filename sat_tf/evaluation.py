@@ -54,7 +54,8 @@ def _batch_counts(model, images, labels, mask, attack_list, restarts, seed):
         correct = top1
         for r in range(restarts):
             s = tf.random.experimental.stateless_fold_in(
-                tf.random.experimental.stateless_fold_in(seed, a), r)
+                tf.random.experimental.stateless_fold_in(seed, a, alg=attacks_lib.RNG_ALG), r,
+                alg=attacks_lib.RNG_ALG)
             adv = attacks_lib.pgd(model, images, labels, cfg, seed=s)
             pred = tf.argmax(tf.cast(_call(model, adv), tf.float32), axis=-1, output_type=tf.int32)
             correct = tf.logical_and(correct, tf.equal(pred, labels))
@@ -98,7 +99,7 @@ def evaluate(model, dataset, attacks: Sequence[AttackConfig] = (), *, strategy=N
             ctx = tf.distribute.get_replica_context()
             s = tf.random.experimental.stateless_fold_in(
                 tf.stack([tf.constant(seed, tf.int64), tf.cast(batch_index, tf.int64)]),
-                ctx.replica_id_in_sync_group)
+                ctx.replica_id_in_sync_group, alg=attacks_lib.RNG_ALG)
             return _batch_counts(model, images, labels, mask, attack_list, restarts, s)
 
         out = strategy.run(replica_fn, args=inputs)
