@@ -1,0 +1,154 @@
+"""The paper's experiments as presets: every one resolves, validates, builds its model, and
+records the paper's numbers from DESIGN.md §5."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from sat_tf import experiments, names
+from sat_tf.config import Experiment
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PAPER_PRESETS = [n for n in experiments.names() if n != "synthetic-smoke"]
+
+
+def _resolved(name: str) -> Experiment:
+    exp = experiments.get(name)
+    if exp.data.dataset == "imagenet":   # ImageNet presets need the user's TFRecord folder
+        exp = exp.replace(**{"data.data_dir": "/data/imagenet"})
+    return exp
+
+
+@pytest.mark.parametrize("name", experiments.names())
+def test_every_preset_validates_and_round_trips(name):
+    exp = _resolved(name).validate()
+    assert exp.name == name and exp.description
+    again = Experiment.from_dict(json.loads(json.dumps(exp.to_dict())))
+    assert again == exp
+
+
+def test_imagenet_presets_need_a_data_dir():
+    with pytest.raises(ValueError, match="data_dir"):
+        experiments.get("imagenet-resnet50-silu").validate()
+
+
+def test_every_experiment_of_the_paper_is_there():
+    expected = set()
+    for act in ("relu", "parametric-softplus", "softplus", "smooth-relu", "elu", "gelu", "silu"):
+        expected.add(f"imagenet-resnet50-{act}")
+        expected.add(f"cifar10-resnet18-{act}")
+        expected.add(f"cifar10-wrn34-10-{act}")
+    for which in ("attacker", "optimizer", "both"):
+        expected.add(f"imagenet-resnet50-relu-smooth-backward-{which}")
+    for stem in ("resnet101", "resnet152", "resnext50-32x4d", "resnext50-32x8d",
+                 "resnet50-299", "resnet50-380", "resnext152-32x8d-380"):
+        expected |= {f"imagenet-{stem}-relu", f"imagenet-{stem}-silu"}
+    for v in ("b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7", "l1"):
+        expected.add(f"imagenet-efficientnet-{v}-sat")
+    expected.add("imagenet-efficientnet-l1-sat-enhanced")
+    assert set(PAPER_PRESETS) == expected
+
+
+# The paper's numbers, transcribed independently from DESIGN.md §5 (clean, robust).
+DESIGN_NUMBERS = {
+    "imagenet-resnet50-relu": (68.8, 33.0),
+    "imagenet-resnet50-parametric-softplus": (68.8, 38.7),
+    "imagenet-resnet50-softplus": (68.4, 40.0),
+    "imagenet-resnet50-smooth-relu": (69.4, 40.3),
+    "imagenet-resnet50-elu": (69.2, 41.7),
+    "imagenet-resnet50-gelu": (69.9, 41.6),
+    "imagenet-resnet50-silu": (69.7, 42.3),
+    "imagenet-resnet50-relu-smooth-backward-attacker": (68.3, 34.5),
+    "imagenet-resnet50-relu-smooth-backward-optimizer": (69.4, 35.8),
+    "imagenet-resnet50-relu-smooth-backward-both": (68.9, 36.9),
+    "imagenet-resnet101-silu": (72.9, 46.4),
+    "imagenet-resnet152-silu": (74.0, 47.3),
+    "imagenet-resnext50-32x4d-silu": (71.1, 43.3),
+    "imagenet-resnext50-32x8d-silu": (73.3, 46.3),
+    "imagenet-resnet50-299-silu": (70.7, 44.6),
+    "imagenet-resnet50-380-silu": (71.6, 44.9),
+    "imagenet-resnext152-32x8d-380-silu": (78.0, 53.0),
+    "imagenet-efficientnet-b0-sat": (65.2, None),
+    "imagenet-efficientnet-b7-sat": (79.8, None),
+    "imagenet-efficientnet-l1-sat": (80.7, None),
+    "imagenet-efficientnet-l1-sat-enhanced": (82.2, 58.6),
+}
+
+
+@pytest.mark.parametrize("name", PAPER_PRESETS)
+def test_paper_numbers(name):
+    paper = experiments.get(name).paper
+    clean, robust = DESIGN_NUMBERS.get(name, (None, None))
+    assert (paper["clean"], paper["robust"]) == (clean, robust)
+    assert (paper["robust_attack"] is None) == (robust is None)
+    if name.startswith("cifar10-"):
+        assert "ours" in paper["protocol"] and paper["source"] is None
+
+
+def test_imagenet_protocol():
+    for name in PAPER_PRESETS:
+        exp = experiments.get(name)
+        if exp.data.dataset != "imagenet":
+            continue
+        t, e = exp.train_attack, exp.eval_attack
+        assert (t.epsilon, t.step_size, t.num_steps, t.random_start, t.clean_start_prob) == \
+            (4.0, 4.0, 1, True, 0.2), name
+        assert (e.epsilon, e.step_size, e.random_start, e.clean_start_prob) == (4.0, 1.0, True, 0.0)
+        assert exp.evaluation.attack_steps == (10, 20, 50)
+        assert exp.evaluation.attack_epsilons == (4.0,) and exp.evaluation.attack_step_size == 1.0
+        family, _ = names.model(exp.model.name)
+        if family == "efficientnet":
+            assert exp.train.optimizer == "rmsprop" and exp.model.activation == "silu"
+            assert (exp.model.bn_momentum, exp.model.bn_epsilon) == (0.9, 1e-5)
+            assert exp.train.ema_decay == (0.9999 if name.endswith("enhanced") else None)
+        else:
+            assert exp.train.optimizer == "sgd_nesterov" and exp.train.base_learning_rate == 0.1
+
+
+def test_table1_backward_rules():
+    def rules(which):
+        exp = experiments.get(f"imagenet-resnet50-relu-smooth-backward-{which}")
+        assert exp.model.activation == "relu"
+        return exp.train_attack.backward, exp.train.optimizer_backward
+
+    assert rules("attacker") == ("parametric_softplus", None)
+    assert rules("optimizer") == (None, "parametric_softplus")
+    assert rules("both") == ("parametric_softplus", "parametric_softplus")
+    assert experiments.get("imagenet-resnet50-relu").train_attack.backward is None
+
+
+def test_cifar10_protocol():
+    for name in PAPER_PRESETS:
+        exp = experiments.get(name)
+        if exp.data.dataset != "cifar10":
+            continue
+        t, e = exp.train_attack, exp.eval_attack
+        assert (t.epsilon, t.step_size, t.num_steps, t.clean_start_prob) == (8.0, 2.0, 10, 0.0)
+        assert (e.epsilon, e.step_size, e.num_steps) == (8.0, 2.0, 20)
+        assert exp.evaluation.attack_steps == (20,) and exp.evaluation.attack_epsilons == (8.0,)
+
+
+def test_scaling_image_sizes():
+    assert experiments.get("imagenet-resnet50-299-silu").model.image_size == 299
+    exp = experiments.get("imagenet-resnext152-32x8d-380-relu")
+    assert (exp.model.name, exp.model.image_size) == ("resnext-152-32x8d", 380)
+
+
+def test_cli_list_and_show():
+    out = subprocess.run([sys.executable, str(ROOT / "run/experiments.py"), "list"],
+                         capture_output=True, text=True, check=True).stdout
+    lines = out.strip().splitlines()
+    assert len(lines) == len(experiments.names()) + 1
+    silu = next(line for line in lines if line.startswith("imagenet-resnet50-silu "))
+    assert "69.7 / 42.3" in silu
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "run/experiments.py"), "show", "cifar10-wrn34-10-silu"],
+        capture_output=True, text=True, check=True).stdout
+    shown = json.loads(out)
+    assert Experiment.from_dict(shown) == experiments.get("cifar10-wrn34-10-silu")
+    bad = subprocess.run([sys.executable, str(ROOT / "run/experiments.py"), "show", "nope"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1 and "Unknown experiment 'nope'" in bad.stderr
