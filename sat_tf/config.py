@@ -32,6 +32,7 @@ LR_SCHEDULES = ("step", "cosine", "exponential", "constant")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 MIXED_PRECISION = ("none", "mixed_bfloat16", "mixed_float16")
 ATTACK_MODES = ("untargeted", "targeted")
+RESUME_INPUT = ("restart", "skip")
 
 
 def _choice(what: str, value, choices) -> None:
@@ -162,7 +163,14 @@ class TrainConfig:
     summary_every_steps: int = 100
     eval_every_steps: int | None = None    # None: evaluate only at the end
     eval_steps: int | None = None          # None: the whole validation split
+    eval_batch_size: int | None = None     # periodic evaluation; None: global_batch_size
     seed: int = 0
+    # How a resumed run positions its input: "restart" begins the input pipeline afresh (cheap;
+    # what TPUEstimator and Keras fit do); "skip" replays and discards the batches consumed before
+    # the checkpoint, so a resumed run sees exactly the batches an uninterrupted one would (with
+    # op determinism: bitwise-identical weights). "skip" costs the input time of those batches.
+    resume_input: str = "restart"
+    summary_images: int = 3                # adversarial examples written to TensorBoard
 
     def validate(self) -> None:
         _positive("global batch size", self.global_batch_size)
@@ -186,6 +194,26 @@ class TrainConfig:
         _positive("summary_every_steps", self.summary_every_steps)
         if self.eval_every_steps is not None:
             _positive("eval_every_steps", self.eval_every_steps)
+        if self.eval_steps is not None:
+            _positive("eval_steps", self.eval_steps)
+        if self.eval_batch_size is not None:
+            _positive("eval batch size", self.eval_batch_size)
+        if self.num_train_examples is not None:
+            _positive("num_train_examples", self.num_train_examples)
+        _positive("momentum", self.momentum, allow_zero=True)
+        if not 0.0 <= self.rmsprop_decay < 1.0:
+            raise ValueError(f"Invalid rmsprop_decay {self.rmsprop_decay!r}; it must be in [0, 1).")
+        _positive("optimizer epsilon", self.optimizer_epsilon)
+        if list(self.decay_boundaries) != sorted(self.decay_boundaries) or any(
+                b <= 0 for b in self.decay_boundaries):
+            raise ValueError(f"Invalid decay_boundaries {tuple(self.decay_boundaries)!r}; they must "
+                             "be positive epochs in increasing order.")
+        _positive("decay_factor", self.decay_factor)
+        _positive("decay_epochs", self.decay_epochs)
+        _positive("decay_rate", self.decay_rate)
+        _positive("max_checkpoints_to_keep", self.max_checkpoints_to_keep)
+        _choice("resume_input", self.resume_input, RESUME_INPUT)
+        _positive("summary_images", self.summary_images, allow_zero=True)
         names.backward_rule(self.optimizer_backward)
 
 
@@ -194,6 +222,9 @@ class RuntimeConfig:
     strategy: str = "default"
     tpu: str | None = None                 # TPU name, grpc:// address, or "local" (TPU VM)
     num_gpus: int | None = None            # mirrored: None uses every visible GPU
+    devices: tuple[str, ...] | None = None  # mirrored: explicit devices, e.g. ("/gpu:0", "/gpu:1")
+    logical_cpus: int | None = None        # split the CPU into N logical devices (CPU testing of
+                                           # multi-replica strategies); before TF starts its devices
     mixed_precision: str = "none"
     jit_compile: bool = False
     deterministic: bool = False            # tf.config.experimental.enable_op_determinism
@@ -205,6 +236,13 @@ class RuntimeConfig:
             raise ValueError("strategy 'tpu' needs a TPU name, address or 'local'.")
         if self.num_gpus is not None:
             _positive("num_gpus", self.num_gpus, allow_zero=True)
+        if self.logical_cpus is not None:
+            _positive("logical_cpus", self.logical_cpus)
+        if self.devices is not None and self.num_gpus is not None:
+            raise ValueError("Give either devices or num_gpus, not both.")
+        if self.devices is not None and self.strategy not in ("mirrored", "one_device"):
+            raise ValueError(f"devices {tuple(self.devices)!r} apply to strategy 'mirrored' or "
+                             f"'one_device', not {self.strategy!r}.")
 
 
 @dataclass
