@@ -7,7 +7,9 @@ with a strategy, and counts per example:
 
 * clean top-1 / top-5;
 * for each attack, correct under *every* restart (and on the clean image): an example counts
-  as robust to an attack only if no restart fooled it;
+  as robust to an attack only if no restart fooled it; also, unconditioned on the clean
+  prediction, how many adversarial images are classified correctly ("adversarial_correct",
+  which a working attack never makes exceed the clean count);
 * ``robust``: the worst case over all attacks run — robust only if every attack failed;
 * input-gradient health on the clean images (all-zero or non-finite gradients hint at
   gradient masking).
@@ -32,15 +34,18 @@ def _call(model, images):
     return model(images)
 
 
-def _batch_counts(model, images, labels, mask, attack_list, restarts, seed):
-    """Per-replica sums for one batch (runs inside strategy.run / tf.function)."""
+def _batch_counts(model, images, labels, mask, attack_list, restarts, seed, num_robust):
+    """Per-replica sums for one batch (runs inside strategy.run / tf.function).
+
+    Only the first ``num_robust`` attacks enter the worst case; the rest are diagnostics.
+    """
     labels = tf.cast(labels, tf.int32)
     mask = tf.cast(mask, tf.float32)
     with tf.GradientTape() as tape:
         tape.watch(images)
         logits = tf.cast(_call(model, images), tf.float32)
         loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
-    grads = tape.gradient(loss, images)
+    grads = tape.gradient(loss, images, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     flat = tf.reshape(grads, [tf.shape(grads)[0], -1])
     nonfinite = tf.logical_not(tf.reduce_all(tf.math.is_finite(flat), axis=1))
     zero = tf.logical_and(tf.logical_not(nonfinite), tf.reduce_all(tf.equal(flat, 0.0), axis=1))
@@ -49,28 +54,33 @@ def _batch_counts(model, images, labels, mask, attack_list, restarts, seed):
     top1 = tf.math.in_top_k(labels, logits, 1)
     top5 = tf.math.in_top_k(labels, logits, k)
     robust = top1
-    per_attack = []
+    per_attack, per_attack_adv = [], []
     for a, cfg in enumerate(attack_list):
         correct = top1
+        adv_correct = tf.ones_like(top1)
         for r in range(restarts):
             s = tf.random.experimental.stateless_fold_in(
                 tf.random.experimental.stateless_fold_in(seed, a, alg=attacks_lib.RNG_ALG), r,
                 alg=attacks_lib.RNG_ALG)
             adv = attacks_lib.pgd(model, images, labels, cfg, seed=s)
             pred = tf.argmax(tf.cast(_call(model, adv), tf.float32), axis=-1, output_type=tf.int32)
-            correct = tf.logical_and(correct, tf.equal(pred, labels))
+            adv_correct = tf.logical_and(adv_correct, tf.equal(pred, labels))
+        correct = tf.logical_and(correct, adv_correct)
         per_attack.append(tf.reduce_sum(tf.cast(correct, tf.float32) * mask))
-        robust = tf.logical_and(robust, correct)
+        per_attack_adv.append(tf.reduce_sum(tf.cast(adv_correct, tf.float32) * mask))
+        if a < num_robust:
+            robust = tf.logical_and(robust, correct)
 
     masked = lambda b: tf.reduce_sum(tf.cast(b, tf.float32) * mask)
-    per_attack = tf.stack(per_attack) if per_attack else tf.zeros([0], tf.float32)
-    return (tf.reduce_sum(mask), masked(top1), masked(top5), per_attack, masked(robust),
-            masked(zero), masked(nonfinite))
+    stack = lambda xs: tf.stack(xs) if xs else tf.zeros([0], tf.float32)
+    return (tf.reduce_sum(mask), masked(top1), masked(top5), stack(per_attack),
+            stack(per_attack_adv), masked(robust), masked(zero), masked(nonfinite))
 
 
 def evaluate(model, dataset, attacks: Sequence[AttackConfig] = (), *, strategy=None,
              restarts: int = 1, seed: int = 0, max_batches: int | None = None,
-             progress: Callable[[int, int], None] | None = None) -> dict:
+             progress: Callable[[int, int], None] | None = None,
+             diagnostic_attacks: Sequence[AttackConfig] = ()) -> dict:
     """Clean and robust accuracy of ``model`` over ``dataset``.
 
     Args:
@@ -82,13 +92,16 @@ def evaluate(model, dataset, attacks: Sequence[AttackConfig] = (), *, strategy=N
       seed: base seed; batch b on replica r attacks with seed fold_in((seed, b), r).
       max_batches: stop after this many batches (None: the whole dataset).
       progress: called as progress(batches_done, examples_done) after each batch.
+      diagnostic_attacks: attacks counted like the others but kept out of ``robust`` (sanity
+        checks, e.g. a very large epsilon); reported under "diagnostic_attacks".
 
     Returns:
       a dict of counts and accuracies (fractions in [0, 1]); see the module doc.
     """
     if restarts < 1:
         raise ValueError(f"Invalid restarts {restarts!r}; it must be >= 1.")
-    attack_list = list(attacks)
+    attack_list = list(attacks) + list(diagnostic_attacks)
+    num_robust = len(attacks)
     strategy = strategy or tf.distribute.get_strategy()
     if isinstance(dataset, tf.data.Dataset):
         dataset = strategy.experimental_distribute_dataset(dataset)
@@ -100,7 +113,8 @@ def evaluate(model, dataset, attacks: Sequence[AttackConfig] = (), *, strategy=N
             s = tf.random.experimental.stateless_fold_in(
                 tf.stack([tf.constant(seed, tf.int64), tf.cast(batch_index, tf.int64)]),
                 ctx.replica_id_in_sync_group, alg=attacks_lib.RNG_ALG)
-            return _batch_counts(model, images, labels, mask, attack_list, restarts, s)
+            return _batch_counts(model, images, labels, mask, attack_list, restarts, s,
+                                 num_robust)
 
         out = strategy.run(replica_fn, args=inputs)
         return tf.nest.map_structure(
@@ -116,23 +130,27 @@ def evaluate(model, dataset, attacks: Sequence[AttackConfig] = (), *, strategy=N
         totals = counts if totals is None else [t + c for t, c in zip(totals, counts)]
         batches += 1
         if progress is not None:
-            progress(batches, int(round(totals[0])))
+            progress(batches, int(round(float(totals[0]))))
     if totals is None:
         raise ValueError("The evaluation dataset is empty.")
 
-    n, top1, top5, per_attack, robust, zero, nonfinite = totals
+    n, top1, top5, per_attack, per_attack_adv, robust, zero, nonfinite = totals
     frac = lambda c: float(c) / n if n else 0.0
+    attack_results = [
+        {"config": dataclasses.asdict(cfg), "restarts": restarts,
+         "correct": int(round(c)), "accuracy": frac(c),
+         "adversarial_correct": int(round(ac)), "adversarial_accuracy": frac(ac)}
+        for cfg, c, ac in zip(attack_list, np.atleast_1d(per_attack),
+                              np.atleast_1d(per_attack_adv))
+    ]
     return {
         "examples": int(round(n)),
         "batches": batches,
         "clean_top1": frac(top1),
         "clean_top5": frac(top5),
         "clean_correct": int(round(top1)),
-        "attacks": [
-            {"config": dataclasses.asdict(cfg), "restarts": restarts,
-             "correct": int(round(c)), "accuracy": frac(c)}
-            for cfg, c in zip(attack_list, np.atleast_1d(per_attack))
-        ],
+        "attacks": attack_results[:num_robust],
+        "diagnostic_attacks": attack_results[num_robust:],
         "robust_correct": int(round(robust)),
         "robust": frac(robust),
         "zero_gradient_fraction": frac(zero),

@@ -1,0 +1,225 @@
+"""Evaluation reports: the attack grid, the sanity checks against hand-made and real results,
+JSON round trip, the printed table and the progress bar."""
+import io
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from sat_tf import activations, data, evaluation, reports
+from sat_tf.config import AttackConfig, DataConfig, EvalConfig
+
+SIZE = 16
+DATA = DataConfig(synthetic_image_size=SIZE, synthetic_train_examples=512,
+                  synthetic_eval_examples=90)
+
+
+def small_net(quantize_input=False):
+    inp = keras.Input((SIZE, SIZE, 3))
+    x = inp
+    if quantize_input:   # forward: 4 grey levels; gradient: exactly zero (masked, connected)
+        x = keras.layers.Lambda(lambda t: 0.0 * t + keras.ops.stop_gradient(
+            keras.ops.round(t / 85.0) * 85.0))(x)
+    x = keras.layers.Rescaling(2 / 255.0, offset=-1)(x)
+    x = keras.layers.Conv2D(8, 3, strides=2)(x)
+    x = activations.Activation("silu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, keras.layers.Dense(10)(x))
+
+
+def train(model, steps=40):
+    model.compile(keras.optimizers.Adam(0.02),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(data.build_dataset(DATA, split="train", batch_size=64), steps_per_epoch=steps,
+              epochs=1, verbose=0, shuffle=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained():
+    keras.utils.set_random_seed(0)
+    return train(small_net())
+
+
+def eval_data(batch_size=32):
+    return data.build_dataset(DATA, split="eval", batch_size=batch_size)
+
+
+# ---- the attack grid -----------------------------------------------------------------------
+
+def test_attacks_from_config_is_the_full_grid():
+    cfg = EvalConfig(attack_steps=(10, 20), attack_epsilons=(1.0, 4.0, 8.0), attack_step_size=0.5,
+                     attack_modes=("untargeted", "targeted"), random_start=False)
+    grid = reports.attacks_from_config(cfg)
+    assert len(grid) == 12
+    assert {(a.mode, a.epsilon, a.num_steps) for a in grid} == {
+        (m, e, s) for m in ("untargeted", "targeted") for e in (1.0, 4.0, 8.0) for s in (10, 20)}
+    assert all(a.step_size == 0.5 and not a.random_start and a.clean_start_prob == 0.0
+               for a in grid)
+    assert reports.attack_name(grid[0]) == "PGD-10 eps 1 step 0.5 untargeted no-random-start"
+
+
+def test_large_epsilon_attack_can_cross_the_ball():
+    a = reports.large_epsilon_attack(64.0)
+    assert a.epsilon == 64.0 and a.num_steps * a.step_size >= 2 * a.epsilon
+    with pytest.raises(ValueError, match="epsilon"):
+        reports.large_epsilon_attack(0.0)
+
+
+# ---- sanity checks on hand-made results ----------------------------------------------------
+
+def fake(attacks, clean=0.8, robust=None, diagnostic=(), zero=0.0, n=1000):
+    def entry(steps, eps, acc, mode="untargeted", adv=None):
+        return {"config": {"epsilon": eps, "step_size": 1.0, "num_steps": steps,
+                           "random_start": True, "clean_start_prob": 0.0, "mode": mode,
+                           "backward": None},
+                "restarts": 1, "accuracy": acc, "correct": int(acc * n),
+                "adversarial_accuracy": acc if adv is None else adv,
+                "adversarial_correct": int((acc if adv is None else adv) * n)}
+    atts = [entry(*a) for a in attacks]
+    return {"examples": n, "clean_top1": clean, "clean_top5": 0.9, "clean_correct": int(clean * n),
+            "attacks": atts, "diagnostic_attacks": [entry(*a) for a in diagnostic],
+            "robust": min([a["accuracy"] for a in atts] + [clean]) if robust is None else robust,
+            "robust_correct": 0, "zero_gradient_fraction": zero,
+            "nonfinite_gradient_fraction": 0.0, "seconds": 1.0, "batches": 1}
+
+
+def statuses(result):
+    return {c["name"]: c["status"] for c in reports.sanity_checks(result)}
+
+
+def test_checks_pass_on_a_consistent_result():
+    r = fake([(10, 4.0, 0.40), (50, 4.0, 0.38), (10, 8.0, 0.20), (50, 8.0, 0.18),
+              (10, 4.0, 0.55, "targeted"), (50, 4.0, 0.50, "targeted")],
+             diagnostic=[(20, 64.0, 0.0)])
+    assert statuses(r) == {"robust_le_clean": "pass", "monotone_in_steps": "pass",
+                           "monotone_in_epsilon": "pass", "large_epsilon": "pass",
+                           "gradient_masking": "pass", "targeted_weaker": "pass"}
+    assert reports.overall_status(reports.sanity_checks(r)) == "pass"
+
+
+def test_more_steps_helping_is_a_warning_and_larger_epsilon_helping_a_failure():
+    r = fake([(10, 4.0, 0.30), (50, 4.0, 0.40), (10, 8.0, 0.35), (50, 8.0, 0.41)])
+    checks = {c["name"]: c for c in reports.sanity_checks(r)}
+    assert checks["monotone_in_steps"]["status"] == "warn"
+    assert "more steps help the model" in checks["monotone_in_steps"]["detail"]
+    assert checks["monotone_in_epsilon"]["status"] == "fail"
+    assert checks["large_epsilon"]["status"] == "skipped"
+    assert checks["targeted_weaker"]["status"] == "skipped"
+    assert reports.overall_status(list(checks.values())) == "fail"
+
+
+def test_differences_within_noise_pass():
+    r = fake([(10, 4.0, 0.300), (50, 4.0, 0.302)], n=1000)   # 2 examples: noise
+    assert statuses(r)["monotone_in_steps"] == "pass"
+    r = fake([(10, 4.0, 0.300), (50, 4.0, 0.310)], n=1000)   # 10 examples: not noise
+    assert statuses(r)["monotone_in_steps"] == "warn"
+
+
+def test_attack_above_clean_fails():
+    r = fake([(10, 4.0, 0.5, "untargeted", 0.9)], clean=0.8)
+    assert statuses(r)["robust_le_clean"] == "fail"
+
+
+def test_large_epsilon_must_reach_zero_and_masking_warns():
+    r = fake([(10, 4.0, 0.4)], diagnostic=[(20, 64.0, 0.3)], zero=0.5)
+    s = statuses(r)
+    assert s["large_epsilon"] == "fail" and s["gradient_masking"] == "warn"
+
+
+def test_targeted_stronger_than_untargeted_warns():
+    r = fake([(10, 4.0, 0.4), (10, 4.0, 0.2, "targeted")])
+    assert statuses(r)["targeted_weaker"] == "warn"
+
+
+# ---- real evaluations ----------------------------------------------------------------------
+
+def test_report_from_a_real_evaluation(trained, tmp_path):
+    cfg = EvalConfig(attack_steps=(1, 5), attack_epsilons=(2.0, 8.0), attack_step_size=2.0,
+                     attack_modes=("untargeted", "targeted"))
+    grid = reports.attacks_from_config(cfg)
+    calls = []
+    result = evaluation.evaluate(trained, eval_data(), grid, seed=3,
+                                 diagnostic_attacks=[reports.large_epsilon_attack()],
+                                 progress=lambda b, n: calls.append((b, n)))
+    assert calls == [(1, 32), (2, 64), (3, 90)]
+    # Independent truth: the clean count straight from the model over the 90 examples.
+    x, y, m = (np.concatenate(t) for t in zip(*[(a.numpy(), b.numpy(), c.numpy())
+                                                for a, b, c in eval_data()]))
+    pred = np.argmax(trained.predict(x, verbose=0), -1)
+    assert result["examples"] == 90 and result["clean_correct"] == int(np.sum((pred == y) * m))
+    assert len(result["attacks"]) == 8 and len(result["diagnostic_attacks"]) == 1
+    for a in result["attacks"]:
+        assert a["correct"] <= a["adversarial_correct"]
+        assert a["correct"] <= result["clean_correct"]
+    assert result["robust_correct"] <= min(a["correct"] for a in result["attacks"])
+    # The diagnostic attack is kept out of the worst case.
+    assert result["robust_correct"] > result["diagnostic_attacks"][0]["correct"] or \
+        result["robust_correct"] == 0
+
+    report = reports.build_report(
+        result, model={"name": "small-net", "activation": "silu", "step": 40, "weights": "raw"},
+        data={"dataset": "synthetic"}, protocol={"seed": 3, **cfg.__dict__},
+        paper={"source": "none", "clean": 70.0, "robust": 40.0, "robust_attack": "PGD-10"})
+    checks = {c["name"]: c["status"] for c in report["sanity_checks"]}
+    assert checks["robust_le_clean"] == "pass" and checks["monotone_in_epsilon"] == "pass"
+    assert checks["large_epsilon"] == "pass" and checks["gradient_masking"] == "pass"
+    assert checks["monotone_in_steps"] in ("pass", "warn")
+
+    path = tmp_path / "reports" / "r.json"
+    reports.write_json(report, str(path))
+    again = reports.read_json(str(path))
+    assert again == json.loads(json.dumps(report))
+    assert again["attacks"][0]["name"] == "PGD-1 eps 2 step 2 untargeted"
+
+    table = reports.format_table(report)
+    assert "clean top-1" in table and "robust (worst of 8)" in table
+    assert f"{result['clean_correct']}/90" in table
+    assert "[check] PGD-20 eps 64 step 8 untargeted x1" in table
+    assert "paper (none): clean 70.0%, robust 40.0%" in table
+
+
+def test_read_json_rejects_other_files(tmp_path):
+    p = tmp_path / "x.json"
+    p.write_text("{}")
+    with pytest.raises(ValueError, match="not a sat_tf evaluation report"):
+        reports.read_json(str(p))
+
+
+def test_gradient_masking_is_detected():
+    keras.utils.set_random_seed(1)
+    masked = train(small_net(quantize_input=True), steps=20)
+    with tf.GradientTape() as tape:
+        x = tf.random.uniform([2, SIZE, SIZE, 3], 0, 255)
+        tape.watch(x)
+        y = masked(x)
+    assert np.all(tape.gradient(y, x).numpy() == 0.0)   # the premise: the gradient is masked
+    attack = AttackConfig(epsilon=4.0, step_size=1.0, num_steps=5, random_start=False,
+                          clean_start_prob=0.0)
+    result = evaluation.evaluate(masked, eval_data(), [attack],
+                                 diagnostic_attacks=[reports.large_epsilon_attack(
+                                     random_start=False)])
+    checks = {c["name"]: c["status"] for c in reports.sanity_checks(result)}
+    assert result["zero_gradient_fraction"] == 1.0
+    assert checks["gradient_masking"] == "warn"
+    # Without a gradient PGD never moves: the "robust" accuracy is the clean one ...
+    assert result["robust_correct"] == result["clean_correct"] > 0
+    # ... and the large-epsilon check exposes it.
+    assert checks["large_epsilon"] == "fail"
+
+
+def test_progress_bar():
+    out = io.StringIO()
+    bar = reports.ProgressBar(200, stream=out, min_interval=0.0)
+    bar.start = 100.0
+    assert bar.line(50, now=110.0) == (
+        "[#######                       ] 50/200  25.0% 00:10 elapsed, ETA 00:30, 5.0 ex/s")
+    bar(1, 200)
+    assert out.getvalue().endswith("\n")
+    open_ended = reports.ProgressBar(None, stream=out, min_interval=0.0)
+    assert open_ended.line(10).startswith("10 examples")
+    open_ended(1, 10)
+    open_ended.close()
+    assert out.getvalue().endswith("\n")
