@@ -83,7 +83,8 @@ class ModelConfig:
 class DataConfig:
     dataset: str = "synthetic"
     data_dir: str | None = None            # TFRecord folder (local or gs://), or TFDS data_dir
-    source: str = "tfrecord"               # "tfrecord" (our/official shards) or "tfds"
+    source: str | None = None              # "tfrecord" (our/official shards) or "tfds"; None: the
+                                           # dataset's usual one (cifar10: tfds, imagenet: tfrecord)
     manual_dir: str | None = None          # TFDS imagenet2012 manual download folder
     augment: str = "none"                  # ImageNet train: "randaugment" (N=2, M=10) / "autoaugment"
     randaugment_layers: int = 2
@@ -93,6 +94,7 @@ class DataConfig:
     seed: int = 0
     cache_eval: bool = False
     skip_corrupt: bool = False
+    num_parallel_reads: int = 16           # TFRecord files read at once (interleave cycle length)
     # Synthetic data (smoke runs and tests): a learnable task, class-coloured noise.
     synthetic_image_size: int = 32
     synthetic_num_classes: int = 10
@@ -101,16 +103,31 @@ class DataConfig:
 
     def validate(self) -> None:
         _choice("dataset", self.dataset, DATASETS)
-        _choice("data source", self.source, DATA_SOURCES)
+        if self.source is not None:
+            _choice("data source", self.source, DATA_SOURCES)
         _choice("augmentation", self.augment, AUGMENTATIONS)
         _choice("cifar_padding", self.cifar_padding, CIFAR_PADDINGS)
         _positive("shuffle_buffer", self.shuffle_buffer)
+        _positive("num_parallel_reads", self.num_parallel_reads)
+        _positive("randaugment_layers", self.randaugment_layers, allow_zero=True)
+        if not 0.0 <= self.randaugment_magnitude <= 30.0:
+            raise ValueError(f"Invalid randaugment_magnitude {self.randaugment_magnitude!r}; "
+                             "it must be in [0, 30].")
         _positive("synthetic_image_size", self.synthetic_image_size)
         _positive("synthetic_num_classes", self.synthetic_num_classes)
         _positive("synthetic_train_examples", self.synthetic_train_examples)
         _positive("synthetic_eval_examples", self.synthetic_eval_examples)
-        if self.dataset == "imagenet" and self.source == "tfrecord" and not self.data_dir:
+        if self.augment != "none" and self.dataset != "imagenet":
+            raise ValueError(f"Invalid augmentation {self.augment!r} for dataset {self.dataset!r}; "
+                             "RandAugment/AutoAugment apply to imagenet only (use 'none').")
+        if self.dataset == "imagenet" and self.resolved_source() == "tfrecord" and not self.data_dir:
             raise ValueError("dataset 'imagenet' needs data_dir (a folder of train-*/validation-* TFRecords).")
+
+    def resolved_source(self) -> str:
+        """``source``, or the dataset's usual source when it is None."""
+        if self.source is not None:
+            return self.source
+        return "tfds" if self.dataset == "cifar10" else "tfrecord"
 
 
 @dataclass
@@ -240,9 +257,13 @@ class RuntimeConfig:
             _positive("logical_cpus", self.logical_cpus)
         if self.devices is not None and self.num_gpus is not None:
             raise ValueError("Give either devices or num_gpus, not both.")
-        if self.devices is not None and self.strategy not in ("mirrored", "one_device"):
-            raise ValueError(f"devices {tuple(self.devices)!r} apply to strategy 'mirrored' or "
-                             f"'one_device', not {self.strategy!r}.")
+        for what in ("devices", "num_gpus"):
+            if getattr(self, what) is not None and self.strategy not in ("mirrored", "one_device"):
+                raise ValueError(f"{what}={getattr(self, what)!r} applies to strategy 'mirrored' "
+                                 f"or 'one_device', not {self.strategy!r}.")
+        if self.tpu and self.strategy not in ("default", "tpu"):
+            raise ValueError(f"tpu={self.tpu!r} needs strategy 'tpu' (or 'default'), not "
+                             f"{self.strategy!r}.")
 
 
 @dataclass

@@ -1,0 +1,112 @@
+"""``RuntimeConfig`` -> ``tf.distribute.Strategy``, and the process-wide runtime settings.
+
+    strategy = distribute.strategy_from_config(exp.runtime)     # also applies configure()
+    per_replica = distribute.per_replica_batch_size(exp.train.global_batch_size, strategy)
+
+The same training code runs under every strategy: ``tpu`` (a TPU VM, ``local``, or a named
+TPU / pod), ``mirrored`` (the GPUs of one machine; on a CPU-only machine split into logical
+CPUs, every logical CPU), ``multi_worker`` (MultiWorkerMirroredStrategy from ``TF_CONFIG``),
+``one_device`` and ``default``.
+"""
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from sat_tf.config import RuntimeConfig
+
+
+def split_cpu(n: int) -> None:
+    """Splits the first physical CPU into ``n`` logical devices (/cpu:0 ... /cpu:n-1).
+
+    Must run before TensorFlow initialises its devices; a no-op if the split is already ``n``.
+    """
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    current = tf.config.get_logical_device_configuration(cpu)
+    if current is not None and len(current) == n:
+        return
+    if current is None and n == 1:
+        return
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"Cannot split the CPU into {n} logical devices: TensorFlow has already initialised "
+            "its devices in this process (split before any TensorFlow work).") from e
+
+
+def configure(runtime: RuntimeConfig, *, seed: int | None = None) -> None:
+    """Process-wide settings of ``runtime``: logical CPUs, the Keras mixed-precision policy,
+    and op determinism (with ``seed`` for Python, NumPy and TensorFlow's global RNGs)."""
+    if runtime.logical_cpus is not None:
+        split_cpu(runtime.logical_cpus)
+    policy = "float32" if runtime.mixed_precision == "none" else runtime.mixed_precision
+    keras.mixed_precision.set_global_policy(policy)
+    if runtime.deterministic:
+        if seed is not None:
+            keras.utils.set_random_seed(seed)
+        tf.config.experimental.enable_op_determinism()
+
+
+def _has_gpu() -> bool:
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def mirrored_devices(runtime: RuntimeConfig) -> list[str] | None:
+    """The devices MirroredStrategy gets: ``devices``; else the first ``num_gpus`` GPUs (0: the
+    CPU); else every GPU (None); on a machine without GPUs, every logical CPU."""
+    if runtime.devices is not None:
+        return list(runtime.devices)
+    if runtime.num_gpus is not None:
+        return [f"/gpu:{i}" for i in range(runtime.num_gpus)] or ["/cpu:0"]
+    if _has_gpu():
+        return None
+    cpus = tf.config.list_logical_devices("CPU")
+    return [f"/cpu:{i}" for i in range(len(cpus))] if len(cpus) > 1 else ["/cpu:0"]
+
+
+def _tpu_strategy(tpu: str) -> tf.distribute.Strategy:
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    if tpu != "local":  # a TPU VM reaches its chips directly
+        tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def strategy_from_config(runtime: RuntimeConfig, *, seed: int | None = None
+                         ) -> tf.distribute.Strategy:
+    """Applies :func:`configure`, then builds the strategy ``runtime`` asks for.
+
+    ``runtime.tpu`` set means TPUStrategy whatever ``runtime.strategy`` says ("default" or
+    "tpu"); any other strategy together with a TPU is an error.
+    """
+    runtime.validate()
+    configure(runtime, seed=seed)
+    name = runtime.strategy
+    if runtime.tpu:
+        return _tpu_strategy(runtime.tpu)
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy(mirrored_devices(runtime))
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "one_device":
+        if runtime.devices:
+            device = runtime.devices[0]
+        elif runtime.num_gpus == 0:
+            device = "/cpu:0"
+        else:
+            device = "/gpu:0" if _has_gpu() else "/cpu:0"
+        return tf.distribute.OneDeviceStrategy(device)
+    return tf.distribute.get_strategy()
+
+
+def per_replica_batch_size(global_batch_size: int, strategy: tf.distribute.Strategy,
+                           what: str = "global batch size") -> int:
+    """``global_batch_size / replicas``; a one-line ValueError when it does not divide."""
+    n = strategy.num_replicas_in_sync
+    if global_batch_size % n:
+        raise ValueError(
+            f"The {what} {global_batch_size} is not divisible by the {n} replicas of "
+            f"{type(strategy).__name__}; use a multiple of {n}.")
+    return global_batch_size // n

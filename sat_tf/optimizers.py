@@ -1,0 +1,63 @@
+"""The recipes' optimizers as Keras 3 optimizers (DESIGN.md §5).
+
+* ``sgd_nesterov`` / ``sgd``: ``keras.optimizers.SGD``. Keras keeps the velocity in units of
+  the step (``v = m v - lr g``), TF1's MomentumOptimizer in units of the gradient
+  (``a = m a + g``, step ``lr a``); they agree exactly while the learning rate is constant and
+  differ slightly when it changes (warm-up, decay boundaries).
+* ``rmsprop``: :class:`TF1RMSprop`, the update of ``tf.compat.v1.train.RMSPropOptimizer`` that
+  the EfficientNet recipe was tuned with (decay 0.9, momentum 0.9, epsilon 1e-3).
+  ``keras.optimizers.RMSprop`` already puts epsilon inside the square root as TF1 does
+  (``lr g / sqrt(ms + eps)``; Keras 2 and PyTorch add it outside, ``sqrt(ms) + eps``), but it
+  starts the mean square ``ms`` at 0 where TF1 starts it at 1, which makes its first steps
+  about ``1 / sqrt(1 - decay)`` = 3.2 times larger. TF1RMSprop starts it at 1.
+* ``adam``: ``keras.optimizers.Adam`` with ``beta_1 = momentum`` and ``epsilon =
+  optimizer_epsilon``.
+
+Weight decay is not an optimizer option here: the trainer adds it to the loss as
+``wd * 0.5 * sum(w^2)`` (the TPU recipes' ``tf.nn.l2_loss``), so it flows through momentum and
+RMSProp exactly as in the reference code.
+"""
+from __future__ import annotations
+
+import keras
+
+from sat_tf.config import TrainConfig
+
+
+@keras.saving.register_keras_serializable(package="sat_tf")
+class TF1RMSprop(keras.optimizers.RMSprop):
+    """RMSProp exactly as TF1 computes it::
+
+        ms  = rho * ms + (1 - rho) * g^2          (ms starts at 1)
+        mom = momentum * mom + lr * g / sqrt(ms + epsilon)
+        w  -= mom
+    """
+
+    def build(self, var_list):
+        if self.built:
+            return
+        super().build(var_list)
+        for v in self._velocities:
+            if v is not None:
+                v.assign(keras.ops.ones(v.shape, v.dtype))
+
+
+def build_optimizer(train: TrainConfig, learning_rate, *, mixed_precision: str = "none"):
+    """The optimizer ``train.optimizer`` names, stepping with ``learning_rate`` (a number or
+    a schedule); wrapped in a ``LossScaleOptimizer`` under ``mixed_float16``."""
+    if train.optimizer == "sgd_nesterov":
+        opt = keras.optimizers.SGD(learning_rate, momentum=train.momentum, nesterov=True)
+    elif train.optimizer == "sgd":
+        opt = keras.optimizers.SGD(learning_rate, momentum=train.momentum)
+    elif train.optimizer == "rmsprop":
+        opt = TF1RMSprop(learning_rate, rho=train.rmsprop_decay, momentum=train.momentum,
+                         epsilon=train.optimizer_epsilon)
+    elif train.optimizer == "adam":
+        opt = keras.optimizers.Adam(learning_rate, beta_1=train.momentum,
+                                    epsilon=train.optimizer_epsilon)
+    else:
+        raise ValueError(f"Invalid optimizer {train.optimizer!r}; valid choices: sgd_nesterov, "
+                         "sgd, rmsprop, adam.")
+    if mixed_precision == "mixed_float16":
+        opt = keras.optimizers.LossScaleOptimizer(opt)
+    return opt

@@ -1,0 +1,595 @@
+"""The adversarial training engine: the distributed step, the loop, checkpoints, summaries.
+
+One training step (DESIGN.md §3, §5), per replica:
+
+1. attack the batch: ``attacks.pgd`` with ``Experiment.train_attack`` (batch norm in inference
+   mode, the attacker's backward rule) — skipped when ``TrainConfig.adversarial`` is False;
+2. forward the (adversarial) images with ``training=True`` inside
+   ``activations.backward_rule(TrainConfig.optimizer_backward)`` (Table 1's optimizer arm);
+3. loss = label-smoothed cross-entropy summed over the replica's examples / global batch
+   + ``weight_decay * 0.5 * sum(w^2)`` / replicas, over the trainable weights of every layer
+   that is not a ``BatchNormalization`` layer (selected by layer type). As the TPU recipes'
+   ``tf.nn.l2_loss`` over non-batch-norm trainable variables, this includes biases and
+   smooth_relu's learnable beta;
+4. gradients (summed over replicas by the optimizer) -> optimizer; the batch-norm moving
+   statistics are averaged over replicas (Keras 3 lets each replica keep its own copy);
+   the exponential moving average (EMA) of the weights is updated.
+
+``steps_per_loop`` steps run inside one ``tf.function`` (a graph loop over ``strategy.run``)
+per host round trip, with input from ``strategy.distribute_datasets_from_function``. Between
+loops the host logs, writes TensorBoard summaries, checkpoints, evaluates, and checks for a
+non-finite loss (which stops training and leaves the last good checkpoint untouched) and
+for SIGTERM (which saves a checkpoint and returns).
+
+:func:`load_model` rebuilds a trained model from its ``model_dir`` for evaluation and export.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+from typing import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import summary_pb2
+
+from sat_tf import activations, attacks, distribute, optimizers, schedules
+from sat_tf import data as data_lib
+from sat_tf.config import Experiment
+
+EXPERIMENT_FILE = "experiment.json"
+CHECKPOINT_PREFIX = "ckpt"
+_METRICS = ("loss", "correct", "examples", "clean_correct", "clean_examples", "nonfinite")
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or Inf."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Model pieces, selected by layer type.
+
+def _layers(model: keras.Model) -> list:
+    return model._flatten_layers(include_self=False, recursive=True)
+
+
+def decayed_weights(model: keras.Model) -> list:
+    """The trainable weights of every layer that is not batch normalization (weight decay)."""
+    bn = {id(w) for layer in _layers(model)
+          if isinstance(layer, keras.layers.BatchNormalization) for w in layer.weights}
+    return [w for w in model.trainable_weights if id(w) not in bn]
+
+
+def batch_norm_statistics(model: keras.Model) -> list:
+    """The moving mean / variance (non-trainable weights) of every batch-norm layer."""
+    return [w for layer in _layers(model) if isinstance(layer, keras.layers.BatchNormalization)
+            for w in layer.non_trainable_weights]
+
+
+def l2_loss(weights) -> tf.Tensor:
+    """0.5 * sum of squares (``tf.nn.l2_loss``), summed over ``weights``, in float32."""
+    return tf.add_n([tf.nn.l2_loss(tf.cast(w, tf.float32)) for w in weights]) if weights else (
+        tf.constant(0.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Exponential moving average of the weights.
+
+class ExponentialMovingAverage(tf.Module):
+    """Averages of a model's trainable weights and batch-norm moving statistics.
+
+    As ``tf.train.ExponentialMovingAverage(decay, num_updates=step)`` in the TPU code: after
+    update number t (0-based) the decay used is ``min(decay, (1 + t) / (10 + t))``. The
+    averages are checkpointed with the run; :meth:`swapped` / :meth:`copy_to_model` put them
+    in the model for evaluation and export.
+    """
+
+    def __init__(self, model: keras.Model, decay: float):
+        super().__init__(name="ema")
+        self.decay = float(decay)
+        targets = list(model.trainable_weights) + batch_norm_statistics(model)
+        self._targets = _Untracked(targets)
+        self.averages = [
+            tf.Variable(tf.convert_to_tensor(v), trainable=False, name=f"ema_{i}",
+                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            for i, v in enumerate(targets)]
+
+    def update(self, step) -> None:
+        """One update (replica or cross-replica context); ``step`` is the update number t."""
+        t = tf.cast(step, tf.float32)
+        decay = tf.minimum(self.decay, (1.0 + t) / (10.0 + t))
+        for avg, v in zip(self.averages, self._targets.value):
+            avg.assign_sub((1.0 - decay) * (avg - tf.cast(tf.convert_to_tensor(v), avg.dtype)))
+
+    def copy_to_model(self) -> None:
+        for avg, v in zip(self.averages, self._targets.value):
+            v.assign(avg)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        """The averages in the model inside the context, the trained weights after it."""
+        backup = [tf.identity(tf.convert_to_tensor(v)) for v in self._targets.value]
+        self.copy_to_model()
+        try:
+            yield
+        finally:
+            for v, b in zip(self._targets.value, backup):
+                v.assign(b)
+
+
+class _Untracked:
+    """Holds objects without making them checkpoint dependencies of their owner."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+# ---------------------------------------------------------------------------------------------
+# The model of an experiment.
+
+def model_shape(exp: Experiment) -> tuple[int, int]:
+    """(num_classes, image_size) the experiment's model is built with: the model section's
+    values, else the dataset's class count and natural image size, else the model's default
+    image size."""
+    info = data_lib.info(exp.data)
+    num_classes = exp.model.num_classes or info.num_classes
+    image_size = exp.model.image_size or info.image_size
+    if image_size is None:
+        from sat_tf import models
+        image_size = models.default_image_size(exp.model.name)
+    return num_classes, image_size
+
+
+def build_model(exp: Experiment, model_fn: Callable | None = None) -> keras.Model:
+    """``model_fn(num_classes=, image_size=)`` if given, else the model ``exp.model`` names."""
+    num_classes, image_size = model_shape(exp)
+    if model_fn is not None:
+        return model_fn(num_classes=num_classes, image_size=image_size)
+    from sat_tf import models
+    return models.build_model_from_config(exp.model, num_classes=num_classes,
+                                          image_size=image_size)
+
+
+def _read_experiment(model_dir: str) -> Experiment | None:
+    path = os.path.join(model_dir, EXPERIMENT_FILE)
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        return Experiment.from_dict(json.load(f))
+
+
+def _write_experiment(model_dir: str, exp: Experiment) -> None:
+    path = os.path.join(model_dir, EXPERIMENT_FILE)
+    tmp = path + ".tmp"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(json.dumps(exp.to_dict(), indent=2, sort_keys=True) + "\n")
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer.
+
+class Trainer:
+    """Owns the model, optimizer, EMA, step counter and checkpoints of one experiment.
+
+    Args:
+      experiment: the validated run; ``experiment.model_dir`` receives checkpoints,
+        summaries and ``experiment.json``.
+      strategy: the ``tf.distribute.Strategy`` (default: ``distribute.strategy_from_config``
+        of ``experiment.runtime``).
+      model_fn: optional ``model_fn(num_classes=, image_size=) -> keras.Model`` replacing
+        the model ``experiment.model`` names (tests, custom models).
+      log: receives the console lines (progress, checkpoints, evaluation).
+
+    The model's initial weights are a function of ``TrainConfig.seed`` (Keras' global seed is
+    set before the model is built). An existing checkpoint in ``model_dir`` is restored.
+    """
+
+    def __init__(self, experiment: Experiment, *, strategy: tf.distribute.Strategy | None = None,
+                 model_fn: Callable | None = None, log: Callable[[str], None] = print):
+        experiment.validate()
+        if not experiment.model_dir:
+            raise ValueError("The experiment has no model_dir (where checkpoints go).")
+        self.experiment = exp = experiment
+        self.train_cfg = exp.train
+        self.log = log
+        self.strategy = strategy or distribute.strategy_from_config(exp.runtime,
+                                                                     seed=exp.train.seed)
+        self.num_replicas = self.strategy.num_replicas_in_sync
+        self.global_batch_size = exp.train.global_batch_size
+        self.per_replica_batch_size = distribute.per_replica_batch_size(
+            self.global_batch_size, self.strategy)
+        self.eval_batch_size = exp.train.eval_batch_size or self.global_batch_size
+        self.per_replica_eval_batch_size = distribute.per_replica_batch_size(
+            self.eval_batch_size, self.strategy, what="eval batch size")
+        self.num_classes, self.image_size = model_shape(exp)
+        num_examples = exp.train.num_train_examples or data_lib.info(exp.data).num_train_examples
+        self.steps_per_epoch = schedules.steps_per_epoch(exp.train, num_examples)
+        self.total_steps = schedules.total_steps(exp.train, num_examples)
+        self.model_dir = exp.model_dir
+        self._loss_scaling = exp.runtime.mixed_precision == "mixed_float16"
+        self._stop_signal = None
+
+        keras.utils.set_random_seed(exp.train.seed)
+        with self.strategy.scope():
+            self.model = build_model(exp, model_fn)
+            self.schedule = schedules.Schedule(exp.train, steps_per_epoch=self.steps_per_epoch,
+                                               total_steps=self.total_steps)
+            self.optimizer = optimizers.build_optimizer(
+                exp.train, self.schedule, mixed_precision=exp.runtime.mixed_precision)
+            self.optimizer.build(self.model.trainable_variables)
+            self.ema = (ExponentialMovingAverage(self.model, exp.train.ema_decay)
+                        if exp.train.ema_decay else None)
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
+                                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            self._metrics = {
+                k: tf.Variable(0.0, trainable=False, name=f"metric_{k}",
+                               synchronization=tf.VariableSynchronization.ON_READ,
+                               aggregation=tf.VariableAggregation.SUM) for k in _METRICS}
+            k = min(exp.train.summary_images, self.per_replica_batch_size)
+            self._example_images = tf.Variable(
+                tf.zeros([k, self.image_size, 2 * self.image_size, 3]), trainable=False,
+                name="example_images", synchronization=tf.VariableSynchronization.ON_READ,
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        self._decayed = decayed_weights(self.model)
+        self._bn_statistics = batch_norm_statistics(self.model)
+
+        objects = dict(model=self.model, optimizer=self.optimizer, step=self.step)
+        if self.ema is not None:
+            objects["ema"] = self.ema
+        self.checkpoint = tf.train.Checkpoint(**objects)
+        self.checkpoint_manager = tf.train.CheckpointManager(
+            self.checkpoint, self.model_dir, max_to_keep=exp.train.max_checkpoints_to_keep,
+            checkpoint_name=CHECKPOINT_PREFIX)
+        self._restore()
+        self._gradients = tf.function(self._forward_backward,
+                                      jit_compile=exp.runtime.jit_compile or None)
+        self._summary_writer = None
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def _restore(self) -> None:
+        self._check_model_dir()
+        path = self.checkpoint_manager.latest_checkpoint
+        if path is None:
+            return
+        self.checkpoint.restore(path).assert_existing_objects_matched()
+        self.log(f"Restored {path} (step {int(self.step.numpy())}).")
+
+    def _check_model_dir(self) -> None:
+        stored = _read_experiment(self.model_dir)
+        if stored is not None and self.checkpoint_manager.latest_checkpoint is not None:
+            for section in ("model", "data"):
+                old, new = getattr(stored, section), getattr(self.experiment, section)
+                if old != new:
+                    raise ValueError(
+                        f"model_dir {self.model_dir!r} holds a run with a different {section} "
+                        f"section ({old} vs {new}); use a new model_dir.")
+
+    def save_checkpoint(self) -> str:
+        path = self.checkpoint_manager.save(checkpoint_number=int(self.step.numpy()))
+        self.log(f"Saved checkpoint {path}.")
+        return path
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def _forward_backward(self, images, labels, seed, measure):
+        """Attack, forward, loss and gradients of one replica's batch (may be XLA-compiled)."""
+        exp = self.experiment
+        labels = tf.cast(labels, tf.int32)
+        if self.train_cfg.adversarial:
+            inputs = attacks.pgd(self.model, images, labels, exp.train_attack, seed=seed)
+        else:
+            inputs = images
+        smoothing = self.train_cfg.label_smoothing
+        targets = (tf.one_hot(labels, self.num_classes) * (1.0 - smoothing)
+                   + smoothing / self.num_classes)
+        with tf.GradientTape() as tape:
+            with activations.backward_rule(self.train_cfg.optimizer_backward):
+                logits = tf.cast(self.model(inputs, training=True), tf.float32)
+            per_example = tf.nn.softmax_cross_entropy_with_logits(targets, logits)
+            loss = (tf.reduce_sum(per_example) / self.global_batch_size
+                    + self.train_cfg.weight_decay * l2_loss(self._decayed) / self.num_replicas)
+            scaled = self.optimizer.scale_loss(loss) if self._loss_scaling else loss
+        grads = tape.gradient(scaled, self.model.trainable_variables)
+        correct = tf.reduce_sum(tf.cast(tf.equal(
+            tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
+
+        k = self._example_images.shape[0]
+
+        def measure_clean():
+            clean_logits = tf.cast(self.model(images, training=False), tf.float32)
+            clean = tf.reduce_sum(tf.cast(tf.equal(
+                tf.argmax(clean_logits, -1, output_type=tf.int32), labels), tf.float32))
+            pair = tf.concat([images[:k], inputs[:k]], axis=2)
+            return clean, tf.cast(tf.shape(labels)[0], tf.float32), pair
+
+        def skip():
+            return (tf.constant(0.0), tf.constant(0.0),
+                    tf.zeros([k, self.image_size, 2 * self.image_size, 3]))
+
+        clean, clean_examples, pair = tf.cond(measure, measure_clean, skip)
+        return grads, loss, correct, clean, clean_examples, pair
+
+    def _replica_step(self, images, labels, measure):
+        ctx = tf.distribute.get_replica_context()
+        step = self.step.read_value()
+        seed = tf.random.experimental.stateless_fold_in(
+            tf.stack([tf.constant(self.train_cfg.seed, tf.int64), step]),
+            ctx.replica_id_in_sync_group, alg=attacks.RNG_ALG)
+        grads, loss, correct, clean, clean_examples, pair = self._gradients(
+            images, labels, seed, measure)
+        self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+        if self.num_replicas > 1 and self._bn_statistics:
+            means = ctx.all_reduce(tf.distribute.ReduceOp.MEAN,
+                                   [tf.convert_to_tensor(v) for v in self._bn_statistics])
+            for v, m in zip(self._bn_statistics, means):
+                v.assign(m)
+        if self.ema is not None:
+            self.ema.update(step)
+        self.step.assign_add(1)
+        m = self._metrics
+        m["loss"].assign_add(loss)
+        m["correct"].assign_add(correct)
+        m["examples"].assign_add(tf.cast(tf.shape(labels)[0], tf.float32))
+        m["clean_correct"].assign_add(clean)
+        m["clean_examples"].assign_add(clean_examples)
+        m["nonfinite"].assign_add(tf.cast(tf.logical_not(tf.math.is_finite(loss)), tf.float32))
+
+        def keep_pair():
+            self._example_images.assign(pair)
+            return tf.constant(True)
+
+        tf.cond(measure, keep_pair, lambda: tf.constant(False))
+
+    @tf.function
+    def _train_loop(self, iterator, num_steps):
+        for i in tf.range(num_steps):
+            images, labels = next(iterator)
+            self.strategy.run(self._replica_step, args=(images, labels, i == num_steps - 1))
+
+    # -- input -------------------------------------------------------------------------------
+
+    def _train_dataset(self, start_step: int):
+        skip = start_step if self.train_cfg.resume_input == "skip" else 0
+
+        def dataset_fn(ctx: tf.distribute.InputContext):
+            ds = data_lib.build_dataset(
+                self.experiment.data, split="train",
+                batch_size=ctx.get_per_replica_batch_size(self.global_batch_size),
+                image_size=self.image_size, input_context=ctx)
+            if skip:
+                ds = ds.skip(skip * ctx.num_replicas_in_sync // ctx.num_input_pipelines)
+            return ds
+
+        return self.strategy.distribute_datasets_from_function(dataset_fn)
+
+    def _eval_dataset(self):
+        def dataset_fn(ctx: tf.distribute.InputContext):
+            return data_lib.build_dataset(
+                self.experiment.data, split="eval",
+                batch_size=ctx.get_per_replica_batch_size(self.eval_batch_size),
+                image_size=self.image_size, input_context=ctx)
+
+        return self.strategy.distribute_datasets_from_function(dataset_fn)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """Ends training after the current loop, with a checkpoint (the SIGTERM handler)."""
+        self._stop_signal = reason
+
+    @contextlib.contextmanager
+    def _sigterm_saves(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, lambda signum, frame: self.request_stop("SIGTERM"))
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _read_metrics(self) -> dict:
+        values = {k: float(v.read_value()) for k, v in self._metrics.items()}
+        for v in self._metrics.values():
+            v.assign(0.0)
+        return values
+
+    def learning_rate(self, step: int | None = None) -> float:
+        step = int(self.step.numpy()) if step is None else step
+        return float(self.schedule(step))
+
+    def _next_stop(self, step: int, end: int) -> int:
+        t = self.train_cfg
+        every = [t.steps_per_loop, t.checkpoint_every_steps, t.summary_every_steps]
+        if t.eval_every_steps:
+            every.append(t.eval_every_steps)
+        return min([end] + [(step // e + 1) * e for e in every])
+
+    def _writer(self):
+        if self._summary_writer is None:
+            self._summary_writer = tf.summary.create_file_writer(
+                os.path.join(self.model_dir, "train"))
+        return self._summary_writer
+
+    def train(self, *, until_step: int | None = None) -> dict:
+        """Trains to ``total_steps`` (or ``until_step``), resuming from the latest checkpoint.
+
+        Returns a dict: ``status`` ("completed", "stopped" at until_step, or "preempted" by
+        SIGTERM / :meth:`request_stop`), ``step``, the last ``train`` metrics and the last
+        ``eval`` result. Raises :class:`TrainingDiverged` on a NaN/Inf loss, before anything
+        is saved.
+        """
+        tf.io.gfile.makedirs(self.model_dir)
+        _write_experiment(self.model_dir, self.experiment)
+        end = self.total_steps if until_step is None else min(until_step, self.total_steps)
+        step = int(self.step.numpy())
+        t = self.train_cfg
+        self.log(f"Training {self.experiment.model.name} ({self.experiment.model.activation}) on "
+                 f"{self.experiment.data.dataset}: {self.total_steps} steps of "
+                 f"{self.global_batch_size} images over {self.num_replicas} replica(s) "
+                 f"({self.steps_per_epoch:.1f} steps per epoch), from step {step}.")
+        iterator = iter(self._train_dataset(step))
+        result = {"status": "completed", "step": step, "train": None, "eval": None}
+        busy = 0.0
+        first_step = step
+        started = time.time()
+        last_good = self.checkpoint_manager.latest_checkpoint
+        with self._sigterm_saves():
+            while step < end:
+                n = self._next_stop(step, end) - step
+                t0 = time.time()
+                self._train_loop(iterator, tf.constant(n, tf.int32))
+                nonfinite = float(self._metrics["nonfinite"].read_value())
+                busy += time.time() - t0
+                step = int(self.step.numpy())
+                if nonfinite:
+                    raise TrainingDiverged(
+                        f"The training loss became NaN or Inf between steps {step - n} and "
+                        f"{step}; training stopped without saving. The last good checkpoint "
+                        f"is {last_good or 'none'}.")
+                if step % t.summary_every_steps == 0 or step == end:
+                    result["train"] = self._report(step, busy, first_step, started)
+                    busy, first_step, started = 0.0, step, time.time()
+                stop = self._stop_signal
+                if step % t.checkpoint_every_steps == 0 or step == end or stop:
+                    last_good = self.save_checkpoint()
+                if stop:
+                    self.log(f"{stop} at step {step}: checkpoint saved; run the same command "
+                             "again to resume.")
+                    result["status"] = "preempted"
+                    break
+                if (t.eval_every_steps and step % t.eval_every_steps == 0) or (
+                        step == self.total_steps):
+                    result["eval"] = self.evaluate()
+        result["step"] = step
+        if result["status"] == "completed" and step < self.total_steps:
+            result["status"] = "stopped"
+        if self._summary_writer is not None:
+            self._summary_writer.flush()
+        return result
+
+    def _report(self, step: int, busy: float, first_step: int, started: float) -> dict:
+        m = self._read_metrics()
+        steps = max(step - first_step, 1)
+        images_per_sec = steps * self.global_batch_size / max(busy, 1e-9)
+        out = {
+            "step": step,
+            "loss": m["loss"] / steps,
+            "accuracy": m["correct"] / max(m["examples"], 1.0),
+            "clean_accuracy": (m["clean_correct"] / m["clean_examples"]
+                               if m["clean_examples"] else None),
+            "learning_rate": self.learning_rate(step - 1),
+            "images_per_sec": images_per_sec,
+        }
+        acc_name = "adv_acc" if self.train_cfg.adversarial else "acc"
+        eta = (self.total_steps - step) * self.global_batch_size / max(images_per_sec, 1e-9)
+        clean = "" if out["clean_accuracy"] is None else f" | clean_acc {out['clean_accuracy']:.3f}"
+        self.log(f"step {step}/{self.total_steps} | loss {out['loss']:.4f} | {acc_name} "
+                 f"{out['accuracy']:.3f}{clean} | lr {out['learning_rate']:.4g} | "
+                 f"{images_per_sec:.1f} img/s | ETA {_duration(eta)}")
+        with self._writer().as_default(step=step):
+            summary_scalar("loss", out["loss"])
+            summary_scalar("learning_rate", out["learning_rate"])
+            summary_scalar("adversarial_accuracy" if self.train_cfg.adversarial
+                           else "accuracy", out["accuracy"])
+            if out["clean_accuracy"] is not None:
+                summary_scalar("clean_accuracy", out["clean_accuracy"])
+            summary_scalar("images_per_sec", images_per_sec)
+            if self._example_images.shape[0]:
+                summary_images("clean_and_adversarial_examples",
+                               self._example_images.read_value())
+        return out
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    def evaluate(self) -> dict:
+        """Clean and ``eval_attack`` accuracy on the eval split (EMA weights when kept)."""
+        from sat_tf import evaluation
+        exp = self.experiment
+        step = int(self.step.numpy())
+        swap = self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
+        with swap:
+            result = evaluation.evaluate(self.model, self._eval_dataset(), [exp.eval_attack],
+                                         strategy=self.strategy, seed=self.train_cfg.seed,
+                                         max_batches=self.train_cfg.eval_steps)
+        a = exp.eval_attack
+        pgd = result["attacks"][0]["accuracy"]
+        self.log(f"eval at step {step}{' (EMA)' if self.ema is not None else ''}: "
+                 f"{result['examples']} images | clean top-1 {result['clean_top1']:.4f} | "
+                 f"PGD-{a.num_steps} (eps {a.epsilon:g}, step {a.step_size:g}) {pgd:.4f}")
+        writer = tf.summary.create_file_writer(os.path.join(self.model_dir, "eval"))
+        with writer.as_default(step=step):
+            summary_scalar("clean_top1", result["clean_top1"])
+            summary_scalar("clean_top5", result["clean_top5"])
+            summary_scalar(f"pgd{a.num_steps}_accuracy", pgd)
+        writer.flush()
+        return result
+
+
+# TensorBoard events written with TensorFlow's own tf.summary.write and the metadata of
+# TensorBoard's scalar and image plugins, so the tensorboard package is needed only to view them.
+
+def summary_scalar(name: str, value) -> None:
+    metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
+        data_class=summary_pb2.DATA_CLASS_SCALAR)
+    tf.summary.write(name, tf.cast(value, tf.float32), metadata=metadata)
+
+
+def summary_images(name: str, images) -> None:
+    """``images``: [n, H, W, 3] pixels in [0, 255]."""
+    images = tf.cast(tf.clip_by_value(tf.round(images), 0.0, 255.0), tf.uint8)
+    height, width = images.shape[1], images.shape[2]
+    encoded = tf.map_fn(tf.image.encode_png, images, fn_output_signature=tf.string)
+    tensor = tf.concat([tf.constant([str(width), str(height)]), encoded], axis=0)
+    metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="images"),
+        data_class=summary_pb2.DATA_CLASS_BLOB_SEQUENCE)
+    tf.summary.write(name, tensor, metadata=metadata)
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a trained model.
+
+def load_model(model_dir: str, *, checkpoint: str | None = None, use_ema: bool = True,
+               model_fn: Callable | None = None) -> tuple[keras.Model, Experiment, int]:
+    """Rebuilds the model of a training run and restores its weights.
+
+    Args:
+      model_dir: the run's directory (``experiment.json`` and checkpoints).
+      checkpoint: a checkpoint path (default: the latest in ``model_dir``).
+      use_ema: put the EMA weights in the model when the run kept them.
+      model_fn: as in :class:`Trainer`, when the run used a custom model.
+
+    Returns:
+      (model, experiment, step).
+    """
+    exp = _read_experiment(model_dir)
+    if exp is None:
+        raise ValueError(f"{model_dir!r} holds no {EXPERIMENT_FILE}; is it a training model_dir?")
+    path = checkpoint or tf.train.latest_checkpoint(model_dir)
+    if path is None:
+        raise ValueError(f"{model_dir!r} holds no checkpoint.")
+    model = build_model(exp, model_fn)
+    step = tf.Variable(0, dtype=tf.int64, trainable=False)
+    objects = dict(model=model, step=step)
+    ema = None
+    if use_ema and exp.train.ema_decay:
+        ema = objects["ema"] = ExponentialMovingAverage(model, exp.train.ema_decay)
+    tf.train.Checkpoint(**objects).restore(path).expect_partial().assert_existing_objects_matched()
+    if ema is not None:
+        ema.copy_to_model()
+    return model, exp, int(step.numpy())
