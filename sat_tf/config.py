@@ -278,17 +278,30 @@ class EvalConfig:
     random_start: bool = True
     global_batch_size: int = 100
     use_ema: bool = True                   # evaluate EMA weights when the run kept them
+    sanity_epsilon: float | None = 64.0    # extra PGD-20 at this epsilon: must reach ~0 (None: off)
+    max_batches: int | None = None         # None: the whole validation split
+    seed: int = 0                          # random starts and targets
 
     def validate(self) -> None:
+        if not self.attack_steps:
+            raise ValueError("Invalid attack steps (); give at least one step count.")
         for s in self.attack_steps:
             _positive("attack steps", s, allow_zero=True)
+        if not self.attack_epsilons:
+            raise ValueError("Invalid attack epsilons (); give at least one epsilon.")
         for e in self.attack_epsilons:
             _positive("attack epsilon", e, allow_zero=True)
         _positive("attack step size", self.attack_step_size, allow_zero=True)
         _positive("attack restarts", self.attack_restarts)
+        if not self.attack_modes:
+            raise ValueError(f"Invalid attack modes (); valid choices: {', '.join(ATTACK_MODES)}.")
         for m in self.attack_modes:
             _choice("attack mode", m, ATTACK_MODES)
         _positive("eval batch size", self.global_batch_size)
+        if self.sanity_epsilon is not None:
+            _positive("sanity-check epsilon", self.sanity_epsilon)
+        if self.max_batches is not None:
+            _positive("max_batches", self.max_batches)
 
 
 @dataclass
