@@ -10,6 +10,8 @@ CPUs, every logical CPU), ``multi_worker`` (MultiWorkerMirroredStrategy from ``T
 """
 from __future__ import annotations
 
+import itertools
+
 import keras
 import tensorflow as tf
 
@@ -66,6 +68,23 @@ def mirrored_devices(runtime: RuntimeConfig) -> list[str] | None:
     return [f"/cpu:{i}" for i in range(len(cpus))] if len(cpus) > 1 else ["/cpu:0"]
 
 
+class _MirroredStrategy(tf.distribute.MirroredStrategy):
+    """MirroredStrategy with collective keys of its own.
+
+    Every MirroredStrategy numbers its all-reduce collectives from the same start, and
+    TensorFlow caches a collective's shape by its key for the life of the process, so a second
+    strategy in the same process (tests, notebooks, evaluation after training) would collide
+    with the first ("Shape mismatch in the collective instance"). Each instance made here
+    starts its keys at a distinct base (TensorFlow's own hook for this, ``_collective_key_base``).
+    """
+
+    _count = itertools.count(1)
+
+    def __init__(self, devices=None):
+        self._collective_key_base = next(self._count) * 100_000
+        super().__init__(devices)
+
+
 def _tpu_strategy(tpu: str) -> tf.distribute.Strategy:
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
     if tpu != "local":  # a TPU VM reaches its chips directly
@@ -87,7 +106,7 @@ def strategy_from_config(runtime: RuntimeConfig, *, seed: int | None = None
     if runtime.tpu:
         return _tpu_strategy(runtime.tpu)
     if name == "mirrored":
-        return tf.distribute.MirroredStrategy(mirrored_devices(runtime))
+        return _MirroredStrategy(mirrored_devices(runtime))
     if name == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "one_device":

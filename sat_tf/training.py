@@ -278,14 +278,22 @@ class Trainer:
 
     # -- the step ----------------------------------------------------------------------------
 
-    def _forward_backward(self, images, labels, seed, measure):
-        """Attack, forward, loss and gradients of one replica's batch (may be XLA-compiled)."""
-        exp = self.experiment
+    def attack(self, images, labels, seed):
+        """The images the weights train on: ``attacks.pgd`` with ``train_attack`` (batch norm
+        in inference mode, the attacker's backward rule), or ``images`` in clean mode."""
+        if not self.train_cfg.adversarial:
+            return tf.convert_to_tensor(images, tf.float32)
+        return attacks.pgd(self.model, images, labels, self.experiment.train_attack, seed=seed)
+
+    def loss_and_gradients(self, inputs, labels):
+        """(loss, logits, gradients) of one replica's batch.
+
+        The forward pass runs with ``training=True`` under the optimizer's backward rule; the
+        loss is this replica's share of the global loss: label-smoothed cross-entropy summed
+        over its examples / global batch + weight decay / replicas. Under ``mixed_float16``
+        the gradients are of the scaled loss (the LossScaleOptimizer unscales them).
+        """
         labels = tf.cast(labels, tf.int32)
-        if self.train_cfg.adversarial:
-            inputs = attacks.pgd(self.model, images, labels, exp.train_attack, seed=seed)
-        else:
-            inputs = images
         smoothing = self.train_cfg.label_smoothing
         targets = (tf.one_hot(labels, self.num_classes) * (1.0 - smoothing)
                    + smoothing / self.num_classes)
@@ -296,7 +304,13 @@ class Trainer:
             loss = (tf.reduce_sum(per_example) / self.global_batch_size
                     + self.train_cfg.weight_decay * l2_loss(self._decayed) / self.num_replicas)
             scaled = self.optimizer.scale_loss(loss) if self._loss_scaling else loss
-        grads = tape.gradient(scaled, self.model.trainable_variables)
+        return loss, logits, tape.gradient(scaled, self.model.trainable_variables)
+
+    def _forward_backward(self, images, labels, seed, measure):
+        """Attack, forward, loss and gradients of one replica's batch (may be XLA-compiled)."""
+        labels = tf.cast(labels, tf.int32)
+        inputs = self.attack(images, labels, seed)
+        loss, logits, grads = self.loss_and_gradients(inputs, labels)
         correct = tf.reduce_sum(tf.cast(tf.equal(
             tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
 
@@ -423,8 +437,8 @@ class Trainer:
         """Trains to ``total_steps`` (or ``until_step``), resuming from the latest checkpoint.
 
         Returns a dict: ``status`` ("completed", "stopped" at until_step, or "preempted" by
-        SIGTERM / :meth:`request_stop`), ``step``, the last ``train`` metrics and the last
-        ``eval`` result. Raises :class:`TrainingDiverged` on a NaN/Inf loss, before anything
+        SIGTERM / :meth:`request_stop`), ``step``, the last ``train`` metrics, every reported
+        one in ``history``, and the last ``eval`` result. Raises :class:`TrainingDiverged` on a NaN/Inf loss, before anything
         is saved.
         """
         tf.io.gfile.makedirs(self.model_dir)
@@ -437,7 +451,8 @@ class Trainer:
                  f"{self.global_batch_size} images over {self.num_replicas} replica(s) "
                  f"({self.steps_per_epoch:.1f} steps per epoch), from step {step}.")
         iterator = iter(self._train_dataset(step))
-        result = {"status": "completed", "step": step, "train": None, "eval": None}
+        result = {"status": "completed", "step": step, "train": None, "eval": None,
+                  "history": []}
         busy = 0.0
         first_step = step
         started = time.time()
@@ -457,6 +472,7 @@ class Trainer:
                         f"is {last_good or 'none'}.")
                 if step % t.summary_every_steps == 0 or step == end:
                     result["train"] = self._report(step, busy, first_step, started)
+                    result["history"].append(result["train"])
                     busy, first_step, started = 0.0, step, time.time()
                 stop = self._stop_signal
                 if step % t.checkpoint_every_steps == 0 or step == end or stop:

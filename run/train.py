@@ -1,0 +1,262 @@
+"""Smooth Adversarial Training from the command line.
+
+    python run/train.py --experiment=imagenet-resnet50-silu --data_dir=gs://.../imagenet \
+        --model_dir=gs://.../r50-silu --tpu=local
+    python run/train.py --dataset=synthetic --model=resnet-18 --activation=silu \
+        --train_batch_size=32 --train_steps=20 --model_dir=/tmp/sat --strategy=mirrored \
+        --logical_cpus=2
+
+--experiment picks a named preset (python run/experiments.py list); every flag given
+explicitly overrides the preset's field. Without --experiment the recipe follows the model:
+ResNet-like models get the ResNet recipe, EfficientNets the EfficientNet recipe, and
+--dataset=cifar10 the CIFAR recipe. Re-running the same command resumes from the latest
+checkpoint in --model_dir; SIGTERM saves a checkpoint and exits with status 0.
+
+Bad flag values fail in well under a second, with a one-line message and exit status 2,
+before TensorFlow is imported.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from absl import app, flags, logging  # noqa: E402
+
+from sat_tf import experiments, names, recipes  # noqa: E402
+from sat_tf.config import (DATASETS, LR_SCHEDULES, MIXED_PRECISION, OPTIMIZERS,  # noqa: E402
+                           RESUME_INPUT, STRATEGIES, Experiment, ModelConfig, DataConfig)
+
+FLAGS = flags.FLAGS
+
+# (flag, kind, config paths it sets, help). Every flag defaults to None: "not given", so a
+# preset's value stands unless the flag is given.
+_FLAGS = [
+    ("experiment", "string", (), "A named preset (python run/experiments.py list); the other "
+     "flags override its fields."),
+    # model
+    ("model", "string", ("model.name",), f"Model: {names.MODEL_NAMES_HELP}."),
+    ("activation", "string", ("model.activation",),
+     f"Activation (forward and backward): {', '.join(names.ACTIVATIONS)}; swish = silu."),
+    ("image_size", "integer", ("model.image_size",),
+     "Input resolution (default: the dataset's, else the model's, e.g. EfficientNet's table)."),
+    ("num_classes", "integer", ("model.num_classes",), "Classes (default: the dataset's)."),
+    ("dropout_rate", "float", ("model.dropout_rate",),
+     "Dropout before the classifier (default: the model's, EfficientNet's table)."),
+    ("drop_connect_rate", "float", ("model.drop_connect_rate",),
+     "EfficientNet stochastic-depth rate (default 0.2)."),
+    # data
+    ("dataset", "string", ("data.dataset",), f"Dataset: {', '.join(DATASETS)}."),
+    ("data_dir", "string", ("data.data_dir",), "TFRecord folder (local or gs://) or TFDS data_dir."),
+    ("data_source", "string", ("data.source",), "Where the data comes from: tfrecord or tfds."),
+    ("num_train_images", "integer", ("train.num_train_examples",),
+     "Training-set size used for epochs and the schedule (default: the dataset's)."),
+    # model_dir
+    ("model_dir", "string", ("model_dir",),
+     "Where checkpoints, TensorBoard summaries and experiment.json go (local or gs://); "
+     "re-running with the same model_dir resumes."),
+    # schedule and optimizer
+    ("train_batch_size", "integer", ("train.global_batch_size",),
+     "Global batch size, split evenly over the replicas."),
+    ("train_epochs", "float", ("train.train_epochs",), "Training length in epochs."),
+    ("train_steps", "integer", ("train.train_steps",),
+     "Training length in steps (instead of --train_epochs)."),
+    ("optimizer", "string", ("train.optimizer",), f"Optimizer: {', '.join(OPTIMIZERS)}."),
+    ("base_learning_rate", "float", ("train.base_learning_rate",),
+     "Learning rate per 256 images; scaled by train_batch_size / 256."),
+    ("lr_schedule", "string", ("train.lr_schedule",),
+     f"Learning-rate schedule after the warm-up: {', '.join(LR_SCHEDULES)}."),
+    ("warmup_epochs", "float", ("train.warmup_epochs",), "Linear warm-up length in epochs."),
+    ("momentum", "float", ("train.momentum",), "Momentum of SGD / RMSProp (Adam's beta_1)."),
+    ("weight_decay", "float", ("train.weight_decay",),
+     "L2 weight decay, wd * 0.5 * sum(w^2) over the non-batch-norm weights."),
+    ("label_smoothing", "float", ("train.label_smoothing",), "Label smoothing of the loss."),
+    ("ema_decay", "float", ("train.ema_decay",),
+     "Exponential moving average of the weights (e.g. 0.9999), used for evaluation; "
+     "0 turns it off."),
+    ("seed", "integer", ("train.seed",),
+     "Seed of the initial weights and the attack's random starts."),
+    # attack
+    ("adversarial", "bool", ("train.adversarial",),
+     "Adversarial training (--noadversarial: clean training with the same code)."),
+    ("attack_epsilon", "float", ("train_attack.epsilon", "eval_attack.epsilon"),
+     "L-infinity radius in pixels of [0, 255] (4 = 4/255), for training and evaluation "
+     "(also recorded as run/eval.py's default)."),
+    ("attack_step_size", "float", ("train_attack.step_size",),
+     "Training attack step size in pixels."),
+    ("attack_steps", "integer", ("train_attack.num_steps",), "Training attack PGD steps."),
+    ("attack_clean_start_prob", "float", ("train_attack.clean_start_prob",),
+     "Probability that a training batch's attack starts from the clean image (else random)."),
+    ("attacker_backward", "string", ("train_attack.backward",),
+     "Table 1: the backward rule of the activations while the training attack computes its "
+     f"gradient: natural, {', '.join(names.BACKWARD_RULES)}."),
+    ("optimizer_backward", "string", ("train.optimizer_backward",),
+     "Table 1: the backward rule of the activations in the weight gradient."),
+    # periodic evaluation
+    ("eval_every_steps", "integer", ("train.eval_every_steps",),
+     "Evaluate (clean + PGD on the validation split) every this many steps; always at the end."),
+    ("eval_steps", "integer", ("train.eval_steps",),
+     "Batches per evaluation (default: the whole split)."),
+    ("eval_batch_size", "integer", ("train.eval_batch_size",),
+     "Global evaluation batch size (default: train_batch_size)."),
+    ("eval_attack_steps", "integer", ("eval_attack.num_steps",), "Evaluation PGD steps."),
+    ("eval_attack_step_size", "float", ("eval_attack.step_size",),
+     "Evaluation PGD step size in pixels."),
+    # loop, checkpoints, summaries
+    ("steps_per_loop", "integer", ("train.steps_per_loop",),
+     "Steps run on the device per host round trip (the TPU code's iterations_per_loop)."),
+    ("checkpoint_every_steps", "integer", ("train.checkpoint_every_steps",),
+     "Checkpoint interval in steps."),
+    ("keep_checkpoint_max", "integer", ("train.max_checkpoints_to_keep",),
+     "Checkpoints kept."),
+    ("summary_every_steps", "integer", ("train.summary_every_steps",),
+     "Interval of the console progress line and the TensorBoard summaries."),
+    ("resume_input", "string", ("train.resume_input",),
+     f"How a resumed run positions its input: {', '.join(RESUME_INPUT)} (skip replays the "
+     "consumed batches: exact, slower to start)."),
+    # runtime
+    ("tpu", "string", ("runtime.tpu",),
+     "TPU name, grpc:// address, or 'local' on a TPU VM; implies --strategy=tpu."),
+    ("strategy", "string", ("runtime.strategy",), f"Distribution: {', '.join(STRATEGIES)}."),
+    ("num_gpus", "integer", ("runtime.num_gpus",),
+     "mirrored: use the first N GPUs (default: all)."),
+    ("logical_cpus", "integer", ("runtime.logical_cpus",),
+     "Split the CPU into N logical devices, so --strategy=mirrored runs N replicas on a "
+     "CPU-only machine (testing)."),
+    ("mixed_precision", "string", ("runtime.mixed_precision",),
+     f"Keras mixed-precision policy: {', '.join(MIXED_PRECISION)}."),
+    ("use_bfloat16", "bool", (), "The TPU code's flag: same as --mixed_precision=mixed_bfloat16."),
+    ("jit_compile", "bool", ("runtime.jit_compile",),
+     "Compile the attack + forward + backward with XLA."),
+    ("deterministic", "bool", ("runtime.deterministic",),
+     "Enable TensorFlow op determinism (bitwise-reproducible runs, slower)."),
+]
+_ALIASES = {"moving_average_decay": "ema_decay", "iterations_per_loop": "steps_per_loop",
+            "train_batch": "train_batch_size"}
+
+_DEFINE = {"string": flags.DEFINE_string, "integer": flags.DEFINE_integer,
+           "float": flags.DEFINE_float, "bool": flags.DEFINE_bool}
+for _name, _kind, _paths, _help in _FLAGS:
+    _DEFINE[_kind](_name, None, _help)
+for _alias, _target in _ALIASES.items():
+    flags.DEFINE_alias(_alias, _target)
+
+EXIT_USAGE = 2
+
+
+def _fail(message: str) -> None:
+    print(f"train.py: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def _given(name: str):
+    return getattr(FLAGS, name)
+
+
+def base_experiment() -> Experiment:
+    """The preset --experiment names, else defaults with the recipe of the model/dataset."""
+    if _given("experiment") is not None:
+        return experiments.get(_given("experiment"))
+    model = _given("model") or ModelConfig().name
+    dataset = _given("dataset") or DataConfig().dataset
+    family, _ = names.model(model)
+    if dataset == "cifar10":
+        train = recipes.cifar()
+    elif family == "efficientnet":
+        train = recipes.efficientnet()
+    else:
+        train = recipes.resnet()
+    return Experiment(name="custom", train=train)
+
+
+def experiment_from_flags() -> Experiment:
+    """The experiment the command line describes (TF-free; ValueError on bad values)."""
+    exp = base_experiment()
+    overrides = {}
+    for name, _kind, paths, _help in _FLAGS:
+        value = _given(name)
+        if value is None or not paths:
+            continue
+        if name == "ema_decay" and value == 0:
+            value = None
+        for path in paths:
+            overrides[path] = value
+    if _given("train_steps") is not None and _given("train_epochs") is not None:
+        raise ValueError("Give --train_steps or --train_epochs, not both.")
+    if _given("train_steps") is not None:
+        overrides["train.train_epochs"] = None
+    if _given("train_epochs") is not None:
+        overrides["train.train_steps"] = None
+    if _given("use_bfloat16"):
+        if _given("mixed_precision") not in (None, "mixed_bfloat16"):
+            raise ValueError("--use_bfloat16 contradicts --mixed_precision="
+                             f"{_given('mixed_precision')}.")
+        overrides["runtime.mixed_precision"] = "mixed_bfloat16"
+    if _given("attack_epsilon") is not None:
+        overrides["evaluation.attack_epsilons"] = (_given("attack_epsilon"),)
+    if _given("tpu") and _given("strategy") is None:
+        overrides["runtime.strategy"] = "tpu"
+    exp = exp.replace(**overrides)
+    if not exp.model_dir:
+        raise ValueError("--model_dir is required (where checkpoints and summaries go).")
+    exp.validate()
+    check_model_dir(exp.model_dir)
+    return exp
+
+
+def check_model_dir(model_dir: str) -> None:
+    """Creates a local model_dir and checks it is writable (remote paths: TF checks later)."""
+    if "://" in model_dir:
+        return
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"model_dir {model_dir!r} cannot be created: {e.strerror}.") from None
+    if not os.access(model_dir, os.W_OK):
+        raise ValueError(f"model_dir {model_dir!r} is not writable.")
+
+
+def _parse_flags(argv):
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e).splitlines()[0])
+
+
+def main(argv):
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; every option is a --flag.")
+    try:
+        exp = experiment_from_flags()
+    except ValueError as e:
+        _fail(str(e))
+
+    # Only now TensorFlow.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # TensorFlow's INFO lines drown the progress
+    from sat_tf import distribute, training
+
+    try:
+        strategy = distribute.strategy_from_config(exp.runtime, seed=exp.train.seed)
+        trainer = training.Trainer(exp, strategy=strategy,
+                                   log=lambda line: print(line, flush=True))
+    except ValueError as e:
+        _fail(str(e))
+    try:
+        result = trainer.train()
+    except training.TrainingDiverged as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        sys.exit(1)
+    line = f"{result['status']} at step {result['step']}/{trainer.total_steps}"
+    if result["eval"]:
+        ev = result["eval"]
+        line += (f"; eval clean top-1 {ev['clean_top1']:.4f}, "
+                 f"PGD-{exp.eval_attack.num_steps} {ev['attacks'][0]['accuracy']:.4f}")
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,333 @@
+"""The training engine on tiny models: distributed steps, resume, Table 1 wiring, EMA,
+weight decay by layer type, NaN and SIGTERM handling, load_model."""
+import json
+import os
+import signal
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.python.framework import config as tf_config
+
+from sat_tf import activations, training
+from sat_tf.config import (AttackConfig, DataConfig, Experiment, ModelConfig, RuntimeConfig,
+                           TrainConfig)
+
+SIZE = 16
+CLASSES = 4
+
+
+def tiny_resnet(num_classes, image_size, activation="silu"):
+    """conv-BN-act, one residual block, pooling, dense: a tiny ResNet."""
+    inp = keras.Input((image_size, image_size, 3), name="images")
+    x = keras.layers.Rescaling(2.0 / 255.0, -1.0, name="scale")(inp)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False, name="stem")(x)
+    x = keras.layers.BatchNormalization(momentum=0.9, name="stem_bn")(x)
+    x = activations.Activation(activation, name="stem_act")(x)
+    y = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="block_conv")(x)
+    y = keras.layers.BatchNormalization(momentum=0.9, name="block_bn")(y)
+    x = keras.layers.Add(name="block_add")([x, y])
+    x = activations.Activation(activation, name="block_act")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inp, keras.layers.Dense(num_classes, name="fc")(x), name="tiny_resnet")
+
+
+def no_bn_net(num_classes, image_size, activation="relu"):
+    inp = keras.Input((image_size, image_size, 3), name="images")
+    x = keras.layers.Rescaling(2.0 / 255.0, -1.0, name="scale")(inp)
+    x = keras.layers.Conv2D(6, 3, strides=2, padding="same", name="conv")(x)
+    x = activations.Activation(activation, name="act")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inp, keras.layers.Dense(num_classes, name="fc")(x), name="no_bn")
+
+
+def experiment(model_dir, *, strategy="mirrored", devices=None, **train):
+    cfg = dict(global_batch_size=16, train_steps=6, steps_per_loop=2, summary_every_steps=2,
+               checkpoint_every_steps=100, eval_steps=2, base_learning_rate=0.4,
+               lr_schedule="constant", warmup_epochs=0.0, label_smoothing=0.1,
+               weight_decay=1e-3, optimizer="sgd_nesterov")
+    cfg.update(train)
+    return Experiment(
+        model=ModelConfig(name="resnet-18"),  # replaced by the tests' model_fn
+        data=DataConfig(dataset="synthetic", synthetic_image_size=SIZE,
+                        synthetic_num_classes=CLASSES, synthetic_train_examples=256,
+                        synthetic_eval_examples=32),
+        train_attack=AttackConfig(epsilon=8.0, step_size=8.0, num_steps=1),
+        eval_attack=AttackConfig(epsilon=8.0, step_size=4.0, num_steps=2, clean_start_prob=0.0),
+        train=TrainConfig(**cfg),
+        runtime=RuntimeConfig(strategy=strategy, devices=devices),
+        model_dir=str(model_dir))
+
+
+def _weights(model):
+    return [np.array(w) for w in model.weights]
+
+
+def _silent(_line):
+    pass
+
+
+# ---- the distributed step ---------------------------------------------------------------------
+
+def test_mirrored_adversarial_training_learns_and_logs(tmp_path):
+    exp = experiment(tmp_path, train_steps=24, steps_per_loop=4, summary_every_steps=8,
+                     checkpoint_every_steps=8, eval_every_steps=24)
+    lines = []
+    trainer = training.Trainer(exp, model_fn=tiny_resnet, log=lines.append)
+    assert trainer.num_replicas == 2 and trainer.per_replica_batch_size == 8
+    result = trainer.train()
+    assert result["status"] == "completed" and result["step"] == 24
+    losses = [h["loss"] for h in result["history"]]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert losses[-1] < 0.85 * losses[0], losses
+    # Evaluation ran through sat_tf.evaluation on the eval split (32 examples).
+    assert result["eval"]["examples"] == 32
+    assert 0.0 <= result["eval"]["attacks"][0]["accuracy"] <= result["eval"]["clean_top1"]
+    # Checkpoints every 8 steps; experiment.json round-trips.
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-24")
+    with open(tmp_path / "experiment.json") as f:
+        assert Experiment.from_dict(json.load(f)) == exp
+    progress = [s for s in lines if s.startswith("step ")]
+    assert progress[0].startswith("step 8/24 | loss ") and "img/s | ETA" in progress[0]
+    # TensorBoard events written without the tensorboard package.
+    tags = set()
+    for event_file in tf.io.gfile.glob(str(tmp_path / "train" / "events.*")):
+        for event in tf.compat.v1.train.summary_iterator(event_file):
+            tags.update(v.tag for v in event.summary.value)
+    assert {"loss", "learning_rate", "adversarial_accuracy", "clean_accuracy", "images_per_sec",
+            "clean_and_adversarial_examples"} <= tags
+
+
+def test_bn_moving_statistics_agree_across_replicas(tmp_path):
+    trainer = training.Trainer(experiment(tmp_path, train_steps=2), model_fn=tiny_resnet,
+                               log=_silent)
+    trainer.train()
+    stats = training.batch_norm_statistics(trainer.model)
+    assert len(stats) == 4
+    for v in stats:
+        copies = [np.array(c) for c in v.value.values]
+        assert len(copies) == 2
+        np.testing.assert_array_equal(copies[0], copies[1])
+    assert not np.allclose(np.array(stats[0]), 0.0)  # moved from the initial zeros
+
+
+def test_two_replicas_make_the_same_first_update_as_one(tmp_path):
+    kw = dict(train_steps=1, steps_per_loop=1, summary_every_steps=1, weight_decay=0.05)
+    exp2 = experiment(tmp_path / "two", **kw)
+    exp1 = experiment(tmp_path / "one", devices=("/cpu:0",), **kw)
+    for exp in (exp1, exp2):
+        exp.train_attack = AttackConfig(epsilon=8.0, step_size=8.0, num_steps=1,
+                                        random_start=False, clean_start_prob=0.0)
+    two = training.Trainer(exp2, model_fn=no_bn_net, log=_silent)
+    one = training.Trainer(exp1, model_fn=no_bn_net, log=_silent)
+    assert (two.num_replicas, one.num_replicas) == (2, 1)
+    before = _weights(one.model)
+    for a, b in zip(before, _weights(two.model)):
+        np.testing.assert_array_equal(a, b)
+    two.train()
+    one.train()
+    moved = 0.0
+    for a, b, w0 in zip(_weights(one.model), _weights(two.model), before):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        moved = max(moved, float(np.abs(a - w0).max()))
+    assert moved > 1e-3
+
+
+def _disable_determinism():
+    tf_config.disable_op_determinism()
+
+
+def test_interrupt_and_resume_is_bitwise_identical(tmp_path):
+    kw = dict(train_steps=6, steps_per_loop=2, ema_decay=0.9, resume_input="skip",
+              checkpoint_every_steps=2)
+    a = experiment(tmp_path / "a", **kw)
+    b = experiment(tmp_path / "b", **kw)
+    for exp in (a, b):
+        exp.runtime.deterministic = True
+        exp.train_attack = AttackConfig(epsilon=8.0, step_size=8.0, num_steps=1,
+                                        clean_start_prob=0.5)
+    try:
+        straight = training.Trainer(a, model_fn=tiny_resnet, log=_silent)
+        straight.train()
+        first = training.Trainer(b, model_fn=tiny_resnet, log=_silent)
+        assert first.train(until_step=3)["status"] == "stopped"
+        del first
+        lines = []
+        resumed = training.Trainer(b, model_fn=tiny_resnet, log=lines.append)
+        assert any("Restored" in s and "(step 3)" in s for s in lines)
+        assert resumed.train()["status"] == "completed"
+    finally:
+        _disable_determinism()
+    assert int(resumed.step.numpy()) == int(straight.step.numpy()) == 6
+    for x, y in zip(_weights(straight.model), _weights(resumed.model)):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(straight.ema.averages, resumed.ema.averages):
+        np.testing.assert_array_equal(x.numpy(), y.numpy())
+
+
+# ---- Table 1 wiring ---------------------------------------------------------------------------
+
+def _batch():
+    images = tf.random.stateless_uniform([8, SIZE, SIZE, 3], [1, 2], 0.0, 255.0)
+    labels = tf.random.stateless_uniform([8], [3, 4], 0, CLASSES, dtype=tf.int32)
+    return images, labels
+
+
+def test_attacker_backward_changes_the_attack_not_the_forward(tmp_path):
+    images, labels = _batch()
+    seed = tf.constant([0, 0], tf.int64)
+    advs = {}
+    for rule in (None, "parametric_softplus"):
+        exp = experiment(tmp_path / str(rule), strategy="one_device")
+        exp.train_attack = AttackConfig(epsilon=8.0, step_size=8.0, num_steps=1,
+                                        random_start=False, clean_start_prob=0.0, backward=rule)
+        trainer = training.Trainer(exp, model_fn=no_bn_net, log=_silent)
+        advs[rule] = trainer.attack(images, labels, seed).numpy()
+        logits = trainer.model(images, training=False).numpy()
+        if rule is None:
+            ref_logits = logits
+    np.testing.assert_array_equal(logits, ref_logits)          # same weights, same forward
+    assert np.mean(advs[None] != advs["parametric_softplus"]) > 0.01   # different gradients
+
+
+def test_optimizer_backward_changes_weight_gradients_not_the_loss(tmp_path):
+    images, labels = _batch()
+    out = {}
+    for rule in (None, "relu", "parametric_softplus"):
+        exp = experiment(tmp_path / str(rule), strategy="one_device", optimizer_backward=rule)
+        trainer = training.Trainer(exp, model_fn=no_bn_net, log=_silent)
+        loss, _, grads = trainer.loss_and_gradients(images, labels)
+        out[rule] = (float(loss), [g.numpy() for g in grads])
+    assert out[None][0] == out["parametric_softplus"][0] == out["relu"][0]
+    for natural, relu_rule in zip(out[None][1], out["relu"][1]):   # relu's rule = its gradient
+        np.testing.assert_allclose(natural, relu_rule, rtol=1e-6, atol=1e-8)
+    conv_kernel = 0
+    assert not np.allclose(out[None][1][conv_kernel], out["parametric_softplus"][1][conv_kernel])
+
+
+def test_clean_mode_trains_on_the_clean_images(tmp_path):
+    images, labels = _batch()
+    trainer = training.Trainer(experiment(tmp_path, strategy="one_device", adversarial=False),
+                               model_fn=no_bn_net, log=_silent)
+    np.testing.assert_array_equal(trainer.attack(images, labels, tf.constant([0, 0])), images)
+
+
+def test_loss_is_smoothed_cross_entropy_plus_half_wd_sum_of_squares(tmp_path):
+    images, labels = _batch()
+    exp = experiment(tmp_path, strategy="one_device", global_batch_size=8, weight_decay=0.01,
+                     label_smoothing=0.2)
+    trainer = training.Trainer(exp, model_fn=no_bn_net, log=_silent)
+    loss, logits, _ = trainer.loss_and_gradients(images, labels)
+    logp = tf.nn.log_softmax(logits).numpy()
+    target = np.full([8, CLASSES], 0.2 / CLASSES)
+    target[np.arange(8), labels.numpy()] += 0.8
+    ce = -(target * logp).sum(1).mean()
+    l2 = sum(float(np.sum(np.square(w))) for w in trainer.model.trainable_weights)  # no BN here
+    assert float(loss) == pytest.approx(ce + 0.01 * 0.5 * l2, rel=1e-5)
+
+
+# ---- weights selected by layer type; EMA -----------------------------------------------------
+
+def test_weight_decay_and_bn_statistics_are_selected_by_layer_type():
+    inp = keras.Input((8, 8, 3), name="images")
+    x = keras.layers.Conv2D(4, 3, name="batch_normalization_conv")(inp)     # misleading names
+    x = keras.layers.BatchNormalization(name="dense_like")(x)
+    x = activations.Activation("smooth_relu", name="act")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    model = keras.Model(inp, keras.layers.Dense(3, name="batch_norm_head")(x))
+    decayed = {w.path for w in training.decayed_weights(model)}
+    assert decayed == {"batch_normalization_conv/kernel", "batch_normalization_conv/bias",
+                       "act/beta", "batch_norm_head/kernel", "batch_norm_head/bias"}
+    assert {w.path for w in training.batch_norm_statistics(model)} == {
+        "dense_like/moving_mean", "dense_like/moving_variance"}
+
+
+def test_ema_closed_form_covers_weights_and_bn_statistics():
+    model = tiny_resnet(CLASSES, SIZE)
+    ema = training.ExponentialMovingAverage(model, decay=0.99)
+    targets = list(model.trainable_weights) + training.batch_norm_statistics(model)
+    assert len(ema.averages) == len(targets)
+    w0 = [np.array(v) for v in targets]
+    for v in targets:
+        v.assign(np.array(v) + 1.0)
+    ema.update(0)        # decay min(0.99, 1/10): a = 0.1 w0 + 0.9 (w0 + 1)
+    for avg, w in zip(ema.averages, w0):
+        np.testing.assert_allclose(avg.numpy(), w + 0.9, rtol=1e-6, atol=1e-6)
+    ema.update(10_000)   # decay 0.99: a += 0.01 (w - a)
+    for avg, w in zip(ema.averages, w0):
+        np.testing.assert_allclose(avg.numpy(), w + 0.9 + 0.01 * 0.1, rtol=1e-6, atol=1e-6)
+    with ema.swapped():
+        np.testing.assert_allclose(np.array(targets[0]), w0[0] + 0.901, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.array(targets[0]), w0[0] + 1.0)
+
+
+def test_load_model_restores_ema_or_trained_weights(tmp_path):
+    trainer = training.Trainer(experiment(tmp_path, train_steps=4, ema_decay=0.5),
+                               model_fn=tiny_resnet, log=_silent)
+    trainer.train()
+    model, exp, step = training.load_model(str(tmp_path), model_fn=tiny_resnet)
+    assert step == 4 and exp == trainer.experiment
+    n = len(trainer.model.trainable_weights)
+    for w, avg in zip(model.trainable_weights, trainer.ema.averages[:n]):
+        np.testing.assert_array_equal(np.array(w), avg.numpy())
+    raw, _, _ = training.load_model(str(tmp_path), use_ema=False, model_fn=tiny_resnet)
+    for w, trained in zip(raw.weights, trainer.model.weights):
+        np.testing.assert_array_equal(np.array(w), np.array(trained))
+    assert not np.array_equal(np.array(raw.trainable_weights[0]),
+                              np.array(model.trainable_weights[0]))
+    with pytest.raises(ValueError, match="no experiment.json"):
+        training.load_model(str(tmp_path / "nothing"))
+
+
+# ---- stopping ---------------------------------------------------------------------------------
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    exp = experiment(tmp_path, train_steps=8, steps_per_loop=1, summary_every_steps=1,
+                     checkpoint_every_steps=1)
+    trainer = training.Trainer(exp, model_fn=no_bn_net, log=_silent)
+    trainer.train(until_step=2)
+    good = tf.train.latest_checkpoint(str(tmp_path))
+    assert good.endswith("ckpt-2")
+    kernel = trainer.model.get_layer("fc").kernel
+    kernel.assign(tf.fill(kernel.shape, np.nan))
+    with pytest.raises(training.TrainingDiverged, match="ckpt-2") as e:
+        trainer.train()
+    assert "NaN or Inf" in str(e.value) and "\n" not in str(e.value)
+    assert tf.train.latest_checkpoint(str(tmp_path)) == good
+    assert not tf.io.gfile.glob(str(tmp_path / "ckpt-3*"))
+    model, _, step = training.load_model(str(tmp_path), model_fn=no_bn_net)
+    assert step == 2 and all(np.isfinite(np.array(w)).all() for w in model.weights)
+
+
+def test_sigterm_saves_a_checkpoint_and_returns(tmp_path):
+    exp = experiment(tmp_path, train_steps=40, steps_per_loop=2, summary_every_steps=2)
+    before = signal.getsignal(signal.SIGTERM)
+
+    def log(line):
+        if line.startswith("step 2/"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer = training.Trainer(exp, model_fn=no_bn_net, log=log)
+    result = trainer.train()
+    assert result["status"] == "preempted" and result["step"] == 2
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-2")
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ---- XLA and mixed precision ------------------------------------------------------------------
+
+@pytest.mark.parametrize("runtime", [dict(jit_compile=True), dict(mixed_precision="mixed_bfloat16")])
+def test_jit_compile_and_mixed_bfloat16_steps(tmp_path, runtime):
+    exp = experiment(tmp_path, strategy="one_device", train_steps=2)
+    for k, v in runtime.items():
+        setattr(exp.runtime, k, v)
+    try:
+        trainer = training.Trainer(exp, model_fn=tiny_resnet, log=_silent)
+        result = trainer.train()
+        if "mixed_precision" in runtime:
+            assert trainer.model.get_layer("stem").compute_dtype == "bfloat16"
+            assert trainer.model.get_layer("stem").kernel.dtype == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert result["step"] == 2 and np.isfinite(result["train"]["loss"])
