@@ -1,0 +1,122 @@
+r"""Converts ImageNet or CIFAR-10 to the TFRecord shards ``--dataset=... --data_dir=...`` reads.
+
+ImageNet-style folder tree (``train/<synset>/*.JPEG``; ``validation/<synset>/*`` or flat
+``validation/*`` with --validation_labels):
+
+  python run/make_tfrecords.py --dataset=imagenet --input=/data/ILSVRC2012 \
+      --output_dir=gs://my-bucket/imagenet [--validation_labels=val_labels.txt]
+
+The official CIFAR-10 archive (python or binary version, as downloaded):
+
+  python run/make_tfrecords.py --dataset=cifar10 --input=cifar-10-python.tar.gz \
+      --output_dir=/data/cifar10-tfrecords
+
+Re-running resumes an interrupted conversion (finished shards are kept); a complete output is
+left alone. Bad flags give a one-line error and exit status 2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+
+flags.DEFINE_string("dataset", None, "imagenet or cifar10.")
+flags.DEFINE_string("input", None, "imagenet: the folder holding train/ and/or validation/; "
+                    "cifar10: cifar-10-python.tar.gz or cifar-10-binary.tar.gz.")
+flags.DEFINE_string("output_dir", None, "Where the shards go (local folder or gs://).")
+flags.DEFINE_integer("train_shards", None, "Train shards (default: imagenet 1024, cifar10 16).")
+flags.DEFINE_integer("validation_shards", None,
+                     "Validation shards (cifar10: test shards; default: imagenet 128, cifar10 4).")
+flags.DEFINE_string("validation_labels", None,
+                    "imagenet, flat validation/ folder: one synset per line for the sorted file "
+                    "names, or '<file name> <synset>' per line.")
+flags.DEFINE_string("synset_texts", None,
+                    "imagenet: optional imagenet_metadata.txt ('<synset>\\t<text>' per line) for "
+                    "image/class/text.")
+flags.DEFINE_list("cifar_counts", ["50000", "10000"],
+                  "cifar10: the train,test image counts the archive must hold.")
+flags.DEFINE_integer("num_workers", None, "Shards written at once (default: CPU count).")
+flags.DEFINE_boolean("progress", True, "Show a progress bar.")
+
+FLAGS = flags.FLAGS
+DATASETS = ("imagenet", "cifar10")
+
+
+def _fail(message: str):
+    print(f"make_tfrecords.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_flags(argv):
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e).splitlines()[0])
+
+
+def _checked():
+    """Validates the flags (one-line ValueError) and returns the converter's keyword arguments."""
+    if FLAGS.dataset not in DATASETS:
+        raise ValueError(f"Invalid --dataset {FLAGS.dataset!r}; valid choices: {', '.join(DATASETS)}.")
+    if not FLAGS.input:
+        raise ValueError("--input is required.")
+    if not FLAGS.output_dir:
+        raise ValueError("--output_dir is required.")
+    for name in ("train_shards", "validation_shards", "num_workers"):
+        v = getattr(FLAGS, name)
+        if v is not None and v < 1:
+            raise ValueError(f"Invalid --{name} {v}; it must be >= 1.")
+    import tensorflow as tf
+
+    if not tf.io.gfile.exists(FLAGS.input):
+        raise ValueError(f"--input {FLAGS.input!r} does not exist.")
+    common = dict(num_workers=FLAGS.num_workers, progress=FLAGS.progress)
+    if FLAGS.dataset == "imagenet":
+        if not tf.io.gfile.isdir(FLAGS.input):
+            raise ValueError(f"--input {FLAGS.input!r} must be a folder for --dataset=imagenet.")
+        if FLAGS.validation_labels and not tf.io.gfile.exists(FLAGS.validation_labels):
+            raise ValueError(f"--validation_labels {FLAGS.validation_labels!r} does not exist.")
+        if FLAGS.train_shards is not None:
+            common["train_shards"] = FLAGS.train_shards
+        if FLAGS.validation_shards is not None:
+            common["validation_shards"] = FLAGS.validation_shards
+        return dict(common, validation_labels=FLAGS.validation_labels,
+                    synset_texts=FLAGS.synset_texts)
+    for name in ("validation_labels", "synset_texts"):
+        if getattr(FLAGS, name):
+            raise ValueError(f"--{name} applies to --dataset=imagenet only.")
+    try:
+        train, test = (int(c) for c in FLAGS.cifar_counts)
+    except ValueError:
+        raise ValueError(f"Invalid --cifar_counts {','.join(FLAGS.cifar_counts)!r}; expected "
+                         "two integers TRAIN,TEST.") from None
+    if FLAGS.train_shards is not None:
+        common["train_shards"] = FLAGS.train_shards
+    if FLAGS.validation_shards is not None:
+        common["test_shards"] = FLAGS.validation_shards
+    return dict(common, expected_counts={"train": train, "test": test})
+
+
+def main(argv):
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {' '.join(argv[1:])!r}.")
+    try:
+        kwargs = _checked()
+    except ValueError as e:
+        _fail(str(e))
+    from sat_tf.data import convert
+
+    run = convert.convert_imagenet_tree if FLAGS.dataset == "imagenet" else convert.convert_cifar10_archive
+    try:
+        result = run(FLAGS.input, FLAGS.output_dir, **kwargs)
+    except ValueError as e:       # bad input data: still one line, but not a usage error
+        print(f"make_tfrecords.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    counts = ", ".join(f"{n:,} {split}" for split, n in result.counts.items())
+    print(f"{FLAGS.output_dir}: {counts} ({result.shards_written} shards written)")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,106 @@
+"""CIFAR-10 input pipeline: ``--dataset=cifar10``.
+
+Sources (``DataConfig.source``):
+
+* ``"tfds"`` (default): tensorflow-datasets ``cifar10``, downloaded and prepared on first use
+  into ``data_dir`` (or ``TFDS_DATA_DIR``, or ``~/tensorflow_datasets``).
+* ``"tfrecord"``: ``train-*`` / ``test-*`` shards written by ``run/make_tfrecords.py
+  --dataset=cifar10`` from the official archive (PNG images, 1-based labels on disk).
+
+Train: pad 4 pixels (``DataConfig.cifar_padding``: "reflect" or "zero"), random 32x32 crop,
+random flip; the decoded split is cached in memory (50,000 x 3 KiB) so later epochs skip
+decoding. Eval: no preprocessing. Output float32 pixels in [0, 255]; an ``image_size`` other
+than 32 resizes (bicubic, clipped) after augmentation.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+
+from sat_tf.config import DataConfig
+from sat_tf.data import pipeline, tfrecord
+
+IMAGE_SIZE = 32
+PAD = 4
+CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+               "truck")
+_SPLITS = {"train": "train", "eval": "test"}      # our split -> file prefix / TFDS split
+
+
+def _tfrecord_stream(data: DataConfig, split: str, input_context):
+    if not data.data_dir:
+        raise ValueError("dataset 'cifar10' with source 'tfrecord' needs data_dir (a folder of "
+                         "train-*/test-* TFRecords from run/make_tfrecords.py).")
+    files = tfrecord.list_files(data.data_dir, _SPLITS[split])
+    files, shard_records = pipeline.shard_files(files, input_context)
+    ds = tfrecord.read(tf.data.Dataset.from_tensor_slices(files),
+                       cycle_length=min(data.num_parallel_reads, len(files)))
+    if shard_records:
+        ds = pipeline.shard(ds, input_context)
+    return ds, tfrecord.parse
+
+
+def _tfds_stream(data: DataConfig, split: str, input_context):
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder("cifar10", data_dir=data.data_dir)
+    builder.download_and_prepare()
+    tfds_split = _SPLITS[split]
+    if input_context is not None and input_context.num_input_pipelines > 1:
+        tfds_split = tfds.even_splits(tfds_split, n=input_context.num_input_pipelines)[
+            input_context.input_pipeline_id]
+    ds = builder.as_dataset(split=tfds_split, shuffle_files=False,
+                            decoders={"image": tfds.decode.SkipDecoding()})
+    ds = ds.enumerate().map(lambda i, e: (
+        tf.strings.join(["cifar10 ", e["id"]]), i, (e["image"], tf.cast(e["label"], tf.int32)),
+        True))
+    return ds, lambda payload: payload
+
+
+def _resize(image, size: int):
+    if size == IMAGE_SIZE:
+        return image
+    image = tf.image.resize(image, [size, size], method="bicubic")
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def augment_train(image, key, padding: str):
+    """uint8 ``[32, 32, 3]`` -> padded, randomly cropped and flipped float32 image."""
+    crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+    mode = {"reflect": "REFLECT", "zero": "CONSTANT"}[padding]
+    image = tf.pad(image, [[PAD, PAD], [PAD, PAD], [0, 0]], mode=mode)
+    image = tf.image.stateless_random_crop(image, [IMAGE_SIZE, IMAGE_SIZE, 3], crop_key)
+    image = tf.image.stateless_random_flip_left_right(image, flip_key)
+    return tf.cast(image, tf.float32)
+
+
+def build(data: DataConfig, *, split: str, batch_size: int, image_size=None, input_context=None):
+    """The CIFAR-10 split as the ``sat_tf.data`` contract describes."""
+    size = image_size or IMAGE_SIZE
+    if data.cifar_padding not in ("reflect", "zero"):
+        raise ValueError(f"Invalid cifar_padding {data.cifar_padding!r}; valid choices: reflect, zero.")
+    source = data.resolved_source()
+    if source == "tfrecord":
+        stream, parse = _tfrecord_stream(data, split, input_context)
+    elif source == "tfds":
+        stream, parse = _tfds_stream(data, split, input_context)
+    else:
+        raise ValueError(f"Invalid data source {source!r}; valid choices: tfrecord, tfds.")
+
+    def decode(raw):
+        png, label = parse(raw)
+        image = tf.ensure_shape(tf.io.decode_png(png, channels=3), [IMAGE_SIZE, IMAGE_SIZE, 3])
+        return image, label
+
+    ds = pipeline.decode_reporting_corrupt(stream, decode, skip_corrupt=data.skip_corrupt)
+    if split == "train":
+        key = pipeline.example_key(data.seed, input_context)
+        ds = ds.cache().shuffle(data.shuffle_buffer, seed=data.seed, reshuffle_each_iteration=True)
+        ds = ds.repeat().enumerate().map(
+            lambda i, e: (_resize(augment_train(e[0], key(i), data.cifar_padding), size), e[1]),
+            num_parallel_calls=tf.data.AUTOTUNE)
+        return pipeline.batch_train(ds, batch_size)
+    ds = ds.map(lambda image, label: (_resize(tf.cast(image, tf.float32), size), label),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    if data.cache_eval:
+        ds = ds.cache()
+    return pipeline.batch_eval(ds, batch_size)

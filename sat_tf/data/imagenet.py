@@ -1,0 +1,143 @@
+"""ImageNet (ILSVRC-2012) input pipeline: ``--dataset=imagenet``.
+
+Sources (``DataConfig.source``):
+
+* ``"tfrecord"`` (default): the official TFRecord layout (:mod:`sat_tf.data.tfrecord`),
+  ``train-*`` / ``validation-*`` shards in ``data_dir``, a local folder or ``gs://`` bucket.
+* ``"tfds"``: the tensorflow-datasets ``imagenet2012`` builder; the ILSVRC tar files go in
+  ``manual_dir``, the prepared dataset in ``data_dir`` (or ``TFDS_DATA_DIR``).
+
+Preprocessing as DESIGN.md §5 and the TPU reference. Train: a distorted bounding box (area
+0.08–1 of the image, aspect 3/4–4/3, covering >= 10 % of it, 10 attempts; when every attempt
+fails, the eval centre crop) is cropped *before* the JPEG is decoded (``decode_and_crop_jpeg``),
+resized bicubic to ``image_size``, clipped to [0, 255] and flipped at random; then optional
+RandAugment / AutoAugment (:mod:`sat_tf.data.augment`). Eval: the centre square of side
+``image_size / (image_size + 32)`` of the short side, decoded the same way, bicubic, clipped.
+
+Randomness is stateless, keyed by ``DataConfig.seed`` and the example's position in this
+host's stream, so a pipeline is reproducible from its seed.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+
+from sat_tf.config import DataConfig
+from sat_tf.data import augment, pipeline, tfrecord
+
+DEFAULT_IMAGE_SIZE = 224
+CROP_PADDING = 32
+_SPLITS = {"train": "train", "eval": "validation"}    # our split -> file prefix / TFDS split
+
+
+def center_crop_window(shape, image_size: int):
+    """``[y, x, h, w]`` of the centre square ``image_size / (image_size + 32)`` of the short side."""
+    height, width = shape[0], shape[1]
+    side = tf.cast(image_size / (image_size + CROP_PADDING)
+                   * tf.cast(tf.minimum(height, width), tf.float32), tf.int32)
+    return tf.stack([(height - side + 1) // 2, (width - side + 1) // 2, side, side])
+
+
+def _resize(image, image_size: int):
+    image = tf.image.resize(image, [image_size, image_size], method="bicubic")
+    return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def preprocess_eval(image_bytes, image_size: int):
+    """JPEG bytes -> float32 ``[image_size, image_size, 3]`` in [0, 255] (centre crop)."""
+    window = center_crop_window(tf.image.extract_jpeg_shape(image_bytes), image_size)
+    return _resize(tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3), image_size)
+
+
+def preprocess_train(image_bytes, key, image_size: int, data: DataConfig | None = None):
+    """JPEG bytes -> float32 ``[image_size, image_size, 3]`` in [0, 255] (random crop, flip).
+
+    ``key`` is a ``[2]`` integer stateless-random seed; ``data.augment`` adds RandAugment or
+    AutoAugment.
+    """
+    crop_key, flip_key, augment_key = tf.unstack(tf.random.experimental.stateless_split(key, 3))
+    shape = tf.image.extract_jpeg_shape(image_bytes)
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=crop_key,
+        min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0),
+        max_attempts=10, use_image_if_no_bounding_boxes=True)
+    # When all attempts fail the op returns the whole image: take the eval crop instead.
+    failed = tf.logical_and(tf.equal(size[0], shape[0]), tf.equal(size[1], shape[1]))
+    window = tf.where(failed, center_crop_window(shape, image_size),
+                      tf.stack([begin[0], begin[1], size[0], size[1]]))
+    image = _resize(tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3), image_size)
+    image = tf.image.stateless_random_flip_left_right(image, flip_key)
+    if data is not None and data.augment != "none":
+        image = augment.apply(image, augment_key, data)
+    return image
+
+
+def _tfrecord_stream(data: DataConfig, split: str, input_context):
+    """``(file, index, record, readable)`` of one pass over this host's shards."""
+    files = tfrecord.list_files(data.data_dir, _SPLITS[split])
+    files, shard_records = pipeline.shard_files(files, input_context)
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if split == "train":
+        ds = ds.shuffle(len(files), seed=data.seed, reshuffle_each_iteration=True)
+    ds = tfrecord.read(ds, cycle_length=min(data.num_parallel_reads, len(files)))
+    if shard_records:
+        ds = pipeline.shard(ds, input_context)
+    return ds, tfrecord.parse
+
+
+def _tfds_stream(data: DataConfig, split: str, input_context):
+    """``(file, index, (jpeg, label), True)`` from TFDS ``imagenet2012`` (labels already 0-based)."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder("imagenet2012", data_dir=data.data_dir)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=data.manual_dir))
+    tfds_split = _SPLITS[split]
+    if input_context is not None and input_context.num_input_pipelines > 1:
+        tfds_split = tfds.even_splits(tfds_split, n=input_context.num_input_pipelines)[
+            input_context.input_pipeline_id]
+    train = split == "train"
+    ds = builder.as_dataset(
+        split=tfds_split, shuffle_files=train, decoders={"image": tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(shuffle_seed=data.seed,
+                                    interleave_cycle_length=data.num_parallel_reads))
+    ds = ds.enumerate().map(lambda i, e: (
+        e["file_name"], i, (e["image"], tf.cast(e["label"], tf.int32)), True))
+    return ds, lambda payload: payload
+
+
+def build(data: DataConfig, *, split: str, batch_size: int, image_size=None, input_context=None):
+    """The ImageNet split as the ``sat_tf.data`` contract describes."""
+    size = image_size or DEFAULT_IMAGE_SIZE
+    source = data.resolved_source()
+    if source == "tfrecord":
+        if not data.data_dir:
+            raise ValueError("dataset 'imagenet' needs data_dir (a folder of train-*/validation-* "
+                             "TFRecords).")
+        stream, parse = _tfrecord_stream(data, split, input_context)
+    elif source == "tfds":
+        stream, parse = _tfds_stream(data, split, input_context)
+    else:
+        raise ValueError(f"Invalid data source {source!r}; valid choices: tfrecord, tfds.")
+
+    if split == "train":
+        key = pipeline.example_key(data.seed, input_context)
+        # Shuffling one pass, then repeating, keeps epochs whole: each sees every record once.
+        ds = stream.shuffle(data.shuffle_buffer, seed=data.seed, reshuffle_each_iteration=True)
+        ds = ds.repeat().enumerate().map(lambda i, e: (e[0], e[1], (key(i), e[2]), e[3]))
+
+        def example(payload):
+            example_key, raw = payload
+            image_bytes, label = parse(raw)
+            return preprocess_train(image_bytes, example_key, size, data), label
+
+        ds = pipeline.decode_reporting_corrupt(ds, example, skip_corrupt=data.skip_corrupt)
+        return pipeline.batch_train(ds, batch_size)
+
+    def eval_example(raw):
+        image_bytes, label = parse(raw)
+        return preprocess_eval(image_bytes, size), label
+
+    ds = pipeline.decode_reporting_corrupt(stream, eval_example, skip_corrupt=data.skip_corrupt)
+    if data.cache_eval:     # float32 pixels: image_size^2 * 12 bytes per example, in memory
+        ds = ds.cache()
+    return pipeline.batch_eval(ds, batch_size)

@@ -1,0 +1,134 @@
+"""The TFRecord format every converted dataset uses, and fault-reporting readers for it.
+
+The format is the official ImageNet one of the TPU ResNet/EfficientNet code (DESIGN.md §5):
+one ``tf.train.Example`` per image with ``image/encoded`` (JPEG, or PNG for CIFAR-10),
+``image/format``, ``image/class/label`` (**1-based**: class index + 1), ``image/class/synset``,
+``image/class/text``, ``image/height``, ``image/width``, ``image/colorspace``,
+``image/channels``, ``image/filename`` and empty ``image/object/bbox/*`` lists. Shards are named
+``<split>-%05d-of-%05d``; ``label_map.txt`` beside them lists ``<label> <synset>`` per line.
+
+Reading (:func:`read`) yields ``(file, index, record, readable)`` per record, where ``file`` and
+``index`` say where the record came from, so a corrupt record can be reported by name
+(:func:`sat_tf.data.pipeline.decode_reporting_corrupt`). ``readable`` is False for one marker
+element when the file holds unreadable bytes (a bad checksum or a truncated record) at
+``index``; the rest of that file cannot be read.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import tensorflow as tf
+
+LABEL_MAP_FILE = "label_map.txt"
+_SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<index>\d{5})-of-(?P<count>\d{5})$")
+_READ_BUFFER_BYTES = 8 << 20     # what the TPU reference uses for GCS reads
+_RECORD_OVERHEAD_BYTES = 16      # length (8) + length CRC (4) + data CRC (4)
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+    """``train-00012-of-01024``."""
+    return f"{split}-{index:05d}-of-{num_shards:05d}"
+
+
+def incomplete_name(name: str) -> str:
+    """Where a shard is written before it is renamed into place (not matched by ``split-*``)."""
+    return f".{name}.incomplete"
+
+
+def make_example(encoded: bytes, label: int, *, image_format: str, height: int, width: int,
+                 synset: str, text: str, filename: str) -> bytes:
+    """One serialized ``tf.train.Example`` in the official format; ``label`` is 1-based."""
+    if label < 1:
+        raise ValueError(f"Invalid label {label!r}; labels on disk are 1-based.")
+
+    def b(v: str | bytes):
+        v = v.encode() if isinstance(v, str) else v
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+
+    def i(v: int):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[v]))
+
+    empty_floats = tf.train.Feature(float_list=tf.train.FloatList(value=[]))
+    feature = {
+        "image/encoded": b(encoded), "image/format": b(image_format),
+        "image/class/label": i(label), "image/class/synset": b(synset), "image/class/text": b(text),
+        "image/height": i(height), "image/width": i(width), "image/colorspace": b("RGB"),
+        "image/channels": i(3), "image/filename": b(filename),
+        "image/object/bbox/xmin": empty_floats, "image/object/bbox/ymin": empty_floats,
+        "image/object/bbox/xmax": empty_floats, "image/object/bbox/ymax": empty_floats,
+        "image/object/bbox/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+_PARSE_FEATURES = {
+    "image/encoded": tf.io.FixedLenFeature([], tf.string),
+    "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+}
+
+
+def parse(record):
+    """``(encoded image bytes, int32 0-based label)`` of one serialized record."""
+    features = tf.io.parse_single_example(record, _PARSE_FEATURES)
+    label = tf.cast(features["image/class/label"], tf.int32) - 1
+    check = tf.debugging.assert_non_negative(label, message="labels on disk must be 1-based")
+    with tf.control_dependencies([check]):
+        return features["image/encoded"], tf.identity(label)
+
+
+def list_files(data_dir: str, split: str) -> list[str]:
+    """The sorted ``<split>-*`` shards in ``data_dir`` (local or ``gs://``).
+
+    Raises a one-line ValueError when there are none, or when officially named shards
+    (``split-NNNNN-of-MMMMM``) are missing some of the M shards (an unfinished conversion).
+    """
+    pattern = os.path.join(data_dir, f"{split}-*")
+    files = sorted(tf.io.gfile.glob(pattern))
+    if not files:
+        raise ValueError(f"No TFRecord files match {pattern!r}; expected shards named like "
+                         f"{shard_name(split, 0, 1024)} (run/make_tfrecords.py writes them).")
+    found = [_SHARD_RE.match(os.path.basename(f)) for f in files]
+    if all(found):
+        counts = {int(m["count"]) for m in found}
+        if len(counts) > 1:
+            raise ValueError(f"{data_dir!r} mixes {split} shard sets of sizes {sorted(counts)}.")
+        (count,) = counts
+        if len(files) != count:
+            raise ValueError(f"{data_dir!r} has {len(files)} of the {count} {split} shards; "
+                             "the conversion is incomplete.")
+    return files
+
+
+def read(filenames: tf.data.Dataset, *, cycle_length: int) -> tf.data.Dataset:
+    """Records of a dataset of file names, interleaved: ``(file, index, record, readable)``."""
+    return filenames.interleave(_read_file, cycle_length=cycle_length, block_length=1,
+                                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _read_file(filename):
+    # TFRecordDataset stops a file at its first unreadable record and, under ignore_errors,
+    # goes on silently. Counting the bytes of the records read tells whether it reached the
+    # end: if bytes remain, a marker element (readable=False) reports where it stopped.
+    records = tf.data.TFRecordDataset(filename, buffer_size=_READ_BUFFER_BYTES).ignore_errors()
+    end = tf.data.Dataset.from_tensors((tf.constant(b""), False))
+    marked = records.map(lambda r: (r, True)).concatenate(end)
+
+    def step(state, element):
+        offset, index = state
+        record, is_record = element
+        size = tf.cast(tf.strings.length(record), tf.int64) + _RECORD_OVERHEAD_BYTES
+        return (offset + size, index + 1), (index, record, is_record, offset)
+
+    located = marked.scan((tf.constant(0, tf.int64), tf.constant(0, tf.int64)), step)
+
+    def keep(index, record, is_record, offset):
+        return tf.cond(is_record, lambda: True, lambda: _has_bytes_after(filename, offset))
+
+    return located.filter(keep).map(
+        lambda index, record, is_record, offset: (filename, index, record, is_record))
+
+
+def _has_bytes_after(filename, offset):
+    tail = tf.data.FixedLengthRecordDataset(filename, record_bytes=1, header_bytes=offset)
+    return tail.take(1).reduce(False, lambda found, _: True)
