@@ -1,10 +1,10 @@
 """Smooth Adversarial Training from the command line.
 
-    python run/train.py --experiment=imagenet-resnet50-silu --data_dir=gs://.../imagenet \
-        --model_dir=gs://.../r50-silu --tpu=local
-    python run/train.py --dataset=synthetic --model=resnet-18 --activation=silu \
-        --train_batch_size=32 --train_steps=20 --model_dir=/tmp/sat --strategy=mirrored \
-        --logical_cpus=2
+    python run/train.py --experiment=imagenet-resnet50-silu --tpu=local
+        --data_dir=gs://BUCKET/imagenet --model_dir=gs://BUCKET/r50-silu
+    python run/train.py --dataset=synthetic --model=resnet-18 --activation=silu
+        --train_batch_size=32 --train_steps=20 --strategy=mirrored --logical_cpus=2
+        --model_dir=/tmp/sat-smoke
 
 --experiment picks a named preset (python run/experiments.py list); every flag given
 explicitly overrides the preset's field. Without --experiment the recipe follows the model:
@@ -42,7 +42,8 @@ _FLAGS = [
      f"Activation (forward and backward): {', '.join(names.ACTIVATIONS)}; swish = silu."),
     ("image_size", "integer", ("model.image_size",),
      "Input resolution (default: the dataset's, else the model's, e.g. EfficientNet's table)."),
-    ("num_classes", "integer", ("model.num_classes",), "Classes (default: the dataset's)."),
+    ("num_classes", "integer", ("model.num_classes",),
+     "Classes (default: the dataset's; with --dataset=synthetic it sets the dataset's too)."),
     ("dropout_rate", "float", ("model.dropout_rate",),
      "Dropout before the classifier (default: the model's, EfficientNet's table)."),
     ("drop_connect_rate", "float", ("model.drop_connect_rate",),
@@ -194,6 +195,8 @@ def experiment_from_flags() -> Experiment:
             raise ValueError("--use_bfloat16 contradicts --mixed_precision="
                              f"{_given('mixed_precision')}.")
         overrides["runtime.mixed_precision"] = "mixed_bfloat16"
+    if _given("num_classes") is not None and (_given("dataset") or exp.data.dataset) == "synthetic":
+        overrides["data.synthetic_num_classes"] = _given("num_classes")
     if _given("attack_epsilon") is not None:
         overrides["evaluation.attack_epsilons"] = (_given("attack_epsilon"),)
     if _given("tpu") and _given("strategy") is None:

@@ -138,6 +138,9 @@ def model_shape(exp: Experiment) -> tuple[int, int]:
     image size."""
     info = data_lib.info(exp.data)
     num_classes = exp.model.num_classes or info.num_classes
+    if num_classes < info.num_classes:
+        raise ValueError(f"num_classes {num_classes} is smaller than the {info.num_classes} "
+                         f"classes of dataset {exp.data.dataset!r}.")
     image_size = exp.model.image_size or info.image_size
     if image_size is None:
         from sat_tf import models

@@ -1,0 +1,101 @@
+"""run/train.py as a user runs it: bad flags fail fast; a short mirrored run is preempted by
+SIGTERM, saves, and the same command resumes it."""
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TRAIN = str(ROOT / "run" / "train.py")
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+
+
+def _run(args, timeout=60):
+    start = time.time()
+    proc = subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True,
+                          env=ENV, timeout=timeout)
+    return proc, time.time() - start
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model=resnet-19"], ["Unknown model 'resnet-19'", "resnet-50"]),
+    (["--activation=relu6"], ["Unknown activation 'relu6'", "silu"]),
+    (["--dataset=mnist"], ["Invalid dataset 'mnist'", "cifar10"]),
+    (["--attack_epsilon=-1"], ["attack epsilon -1.0"]),
+    (["--train_batch_size=0"], ["global batch size 0"]),
+    (["--train_batch_size=many"], ["--train_batch_size=many"]),
+    (["--attacker_backward=sigmoid"], ["Unknown backward rule 'sigmoid'"]),
+    (["--experiment=imagenet-resnet51-silu"], ["Unknown experiment", "imagenet-resnet50-silu"]),
+    (["--strategy=mirrored", "--tpu=local"], ["needs strategy 'tpu'"]),
+    (["--train_steps=5", "--train_epochs=2"], ["not both"]),
+    (["--no_such_flag=1"], ["no_such_flag"]),
+    ("unwritable", ["cannot be created"]),
+    ("no_model_dir", ["--model_dir is required"]),
+])
+def test_bad_flags_fail_fast_with_one_line_and_status_2(tmp_path, args, words):
+    if args == "unwritable":
+        blocker = tmp_path / "a_file"
+        blocker.write_text("")
+        args = [f"--model_dir={blocker / 'run'}"]
+    elif args == "no_model_dir":
+        args = []
+    else:
+        args = [*args, f"--model_dir={tmp_path / 'run'}"]
+    proc, seconds = _run(args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: "), proc.stderr
+    for w in words:
+        assert w in lines[0]
+    assert proc.stdout == ""
+    assert seconds < 1.0, f"{seconds:.2f} s"
+
+
+def test_help_explains_the_flags():
+    proc, _ = _run(["--help"])
+    for flag in ("--model:", "--activation:", "--attack_epsilon:", "--attacker_backward:",
+                 "--optimizer_backward:", "--steps_per_loop:", "--logical_cpus:",
+                 "--experiment:", "--tpu:", "jit_compile:", "--moving_average_decay:",
+                 "--iterations_per_loop:"):
+        assert flag in proc.stdout, flag
+
+
+def _command(model_dir):
+    return [sys.executable, TRAIN, "--dataset=synthetic", "--model=resnet-18",
+            "--activation=silu", "--image_size=16", "--num_classes=4", "--train_batch_size=8",
+            "--train_steps=6", "--steps_per_loop=2", "--summary_every_steps=2",
+            "--eval_steps=2", "--eval_batch_size=8", "--eval_attack_steps=1",
+            "--strategy=mirrored", "--logical_cpus=2", f"--model_dir={model_dir}"]
+
+
+def test_mirrored_cli_run_is_preempted_by_sigterm_and_the_same_command_resumes(tmp_path):
+    cmd = _command(tmp_path / "run")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=ENV)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if line.startswith("step 2/6"):
+                proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = "\n".join(lines)
+    assert rc == 0, out
+    assert "over 2 replica(s)" in out
+    assert "SIGTERM at step 2: checkpoint saved" in out, out
+    assert (tmp_path / "run" / "ckpt-2.index").exists()
+    assert (tmp_path / "run" / "experiment.json").exists()
+
+    second = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "(step 2)" in second.stdout and "Restored" in second.stdout, second.stdout
+    assert "step 4/6" in second.stdout and "step 6/6" in second.stdout
+    assert "completed at step 6/6; eval clean top-1" in second.stdout
+    assert (tmp_path / "run" / "ckpt-6.index").exists()
