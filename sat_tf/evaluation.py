@@ -135,6 +135,7 @@ def evaluate(model, dataset, attacks: Sequence[AttackConfig] = (), *, strategy=N
         raise ValueError("The evaluation dataset is empty.")
 
     n, top1, top5, per_attack, per_attack_adv, robust, zero, nonfinite = totals
+    n, top1, top5, robust, zero, nonfinite = map(float, (n, top1, top5, robust, zero, nonfinite))
     frac = lambda c: float(c) / n if n else 0.0
     attack_results = [
         {"config": dataclasses.asdict(cfg), "restarts": restarts,

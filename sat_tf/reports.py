@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import sys
 import time
 from collections import defaultdict
@@ -204,16 +205,23 @@ def build_report(result: dict, *, model: dict, data: dict, protocol: dict,
     return report
 
 
+def _open(path: str, mode: str):
+    """Local files with open(); remote (gs://...) ones with TensorFlow's gfile."""
+    if "://" in path:
+        import tensorflow as tf
+        return tf.io.gfile.GFile(path, mode)
+    if "w" in mode:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return open(path, mode)
+
+
 def write_json(report: dict, path: str) -> None:
-    import os
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2, sort_keys=False)
-        f.write("\n")
+    with _open(path, "w") as f:
+        f.write(json.dumps(report, indent=2) + "\n")
 
 
 def read_json(path: str) -> dict:
-    with open(path) as f:
+    with _open(path, "r") as f:
         report = json.load(f)
     if report.get("format") != FORMAT:
         raise ValueError(f"{path} is not a sat_tf evaluation report (format "
@@ -270,6 +278,7 @@ class ProgressBar:
         self._last = 0.0
         self._examples = 0
         self._closed = False
+        self._width = 0
 
     def line(self, examples: int, now: float | None = None) -> str:
         elapsed = (now or time.time()) - self.start
@@ -289,16 +298,21 @@ class ProgressBar:
             return
         self._last = now
         self._examples = examples
-        self.stream.write("\r" + self.line(examples, now))
+        self._write(self.line(examples, now))
         if done:
             self.stream.write("\n")
             self._closed = True
         self.stream.flush()
 
+    def _write(self, line: str) -> None:
+        width = len(line.rstrip("\n"))
+        self.stream.write("\r" + line.rstrip("\n").ljust(self._width) + line[width:])
+        self._width = width
+
     def close(self) -> None:
         """Ends the line (prints the final state if the total was never reached)."""
         if not self._closed:
-            self.stream.write("\r" + self.line(self._examples) + "\n")
+            self._write(self.line(self._examples) + "\n")
             self.stream.flush()
             self._closed = True
 

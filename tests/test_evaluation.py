@@ -223,3 +223,9 @@ def test_progress_bar():
     open_ended(1, 10)
     open_ended.close()
     assert out.getvalue().endswith("\n")
+
+
+def test_a_single_batch_and_no_attacks(trained):
+    result = evaluation.evaluate(trained, eval_data(), [], max_batches=1)
+    assert (result["examples"], result["batches"], result["attacks"]) == (32, 1, [])
+    assert result["robust_correct"] == result["clean_correct"]
