@@ -164,10 +164,10 @@ def test_activation_everywhere(b0):
 
 
 def test_defaults_from_the_table():
-    model = models.build_model("efficientnet-b4", num_classes=3, image_size=32)
-    assert model.get_layer("dropout").rate == 0.4
+    model = models.build_model("efficientnet-b2", num_classes=3, image_size=32)
+    assert model.get_layer("dropout").rate == 0.3
     assert model.get_layer("block6_2_drop").rate == pytest.approx(
-        0.2 * (sum(len(s) for s in stages("b4")[:5]) + 1) / len(blocks("b4")))
+        0.2 * (sum(len(s) for s in stages("b2")[:5]) + 1) / len(blocks("b2")))
     no_drop = models.build_model("efficientnet-b0", num_classes=3, image_size=32,
                                  dropout_rate=0.0, drop_connect_rate=0.0)
     assert not any(isinstance(l, keras.layers.Dropout) for l in no_drop.layers)
