@@ -54,7 +54,7 @@ class ModelConfig:
     num_classes: int | None = None         # None: the dataset's class count
     image_size: int | None = None          # None: the model's default (EfficientNet table) / dataset's
     normalization: str = "sat"             # "sat": x*2/255-1; "imagenet": mean/std
-    stem: str | None = None                # ResNet only; None: "cifar" for 32x32 inputs, else "imagenet"
+    stem: str | None = None                # ResNet only; None: "cifar" up to 64x64 inputs, else "imagenet"
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     dropout_rate: float | None = None      # None: the model's default (EfficientNet table)
