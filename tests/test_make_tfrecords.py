@@ -1,0 +1,245 @@
+"""Converters: folder trees and official CIFAR-10 archives -> official-format TFRecords.
+
+Records are read back with a plain TFRecordDataset and checked against what the inputs were
+written with: synsets (label = sorted index + 1), pixels, counts, shard names.
+"""
+import io
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from sat_tf.data import convert, testing, tfrecord
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "run", "make_tfrecords.py")
+FEATURES = {
+    "image/encoded": tf.io.FixedLenFeature([], tf.string),
+    "image/format": tf.io.FixedLenFeature([], tf.string),
+    "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+    "image/class/synset": tf.io.FixedLenFeature([], tf.string),
+    "image/filename": tf.io.FixedLenFeature([], tf.string),
+    "image/height": tf.io.FixedLenFeature([], tf.int64),
+    "image/width": tf.io.FixedLenFeature([], tf.int64),
+    "image/channels": tf.io.FixedLenFeature([], tf.int64),
+    "image/colorspace": tf.io.FixedLenFeature([], tf.string),
+}
+
+
+def _records(path):
+    """Parsed records of the given files, in file order."""
+    out = []
+    for record in tf.data.TFRecordDataset(path):
+        f = tf.io.parse_single_example(record, FEATURES)
+        out.append({k: (v.numpy().decode() if v.dtype == tf.string and k != "image/encoded"
+                        else v.numpy()) for k, v in f.items()})
+    return out
+
+
+def _shards(out_dir, split):
+    return sorted(n for n in os.listdir(out_dir) if n.startswith(split + "-"))
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("tree"))
+    truth = testing.write_imagenet_tree(root, num_classes=3, train_per_class=3,
+                                        validation_per_class=2, flat_validation=True)
+    return root, truth
+
+
+def _check_imagenet_output(out_dir, truth, train_shards, validation_shards):
+    synsets = testing.synset_names(3)
+    assert _shards(out_dir, "train") == [f"train-{i:05d}-of-{train_shards:05d}"
+                                         for i in range(train_shards)]
+    assert _shards(out_dir, "validation") == [
+        f"validation-{i:05d}-of-{validation_shards:05d}" for i in range(validation_shards)]
+    with open(os.path.join(out_dir, "label_map.txt")) as f:
+        assert f.read() == "".join(f"{i + 1} {s}\n" for i, s in enumerate(synsets))
+    for split in ("train", "validation"):
+        records = _records([os.path.join(out_dir, n) for n in _shards(out_dir, split)])
+        assert sorted(r["image/filename"] for r in records) == sorted(truth[split])
+        for r in records:
+            synset = truth[split][r["image/filename"]]
+            assert r["image/class/synset"] == synset
+            assert r["image/class/label"] == synsets.index(synset) + 1      # 1-based on disk
+            assert r["image/format"] == "JPEG" and r["image/colorspace"] == "RGB"
+            assert r["image/encoded"][:2] == b"\xff\xd8"                   # a JPEG, always
+            image = Image.open(io.BytesIO(r["image/encoded"]))
+            assert image.mode == "RGB"
+            assert (r["image/height"], r["image/width"]) == (60, 80) == image.size[::-1]
+            assert tf.io.decode_jpeg(r["image/encoded"]).shape == (60, 80, 3)
+
+
+def test_imagenet_tree_with_flat_validation_and_odd_formats(tree, tmp_path):
+    root, truth = tree
+    # The tree holds a PNG named .JPEG, a CMYK JPEG and a grayscale JPEG.
+    kinds = {Image.open(os.path.join(root, "train", s, f"{s}_0.JPEG")).mode
+             for s in testing.synset_names(3)}
+    assert kinds == {"RGB", "CMYK", "L"}
+    out = str(tmp_path / "out")
+    result = convert.convert_imagenet_tree(
+        root, out, train_shards=3, validation_shards=2,
+        validation_labels=os.path.join(root, "validation_labels.txt"), num_workers=2,
+        progress=False)
+    assert result.counts == {"train": 9, "validation": 6} and result.shards_written == 5
+    _check_imagenet_output(out, truth, 3, 2)
+    # The re-encoded CMYK image still shows the photo, not its negative.
+    cmyk = os.path.join(root, "train", testing.synset_names(3)[1],
+                        f"{testing.synset_names(3)[1]}_0.JPEG")
+    original = np.asarray(Image.open(cmyk).convert("RGB"), np.float32)
+    record = [r for r in _records([os.path.join(out, n) for n in _shards(out, "train")])
+              if r["image/filename"] == os.path.basename(cmyk)][0]
+    converted = tf.io.decode_jpeg(record["image/encoded"]).numpy().astype(np.float32)
+    assert np.abs(converted - original).mean() < 3.0
+
+
+def test_imagenet_tree_with_synset_validation_folders(tmp_path):
+    root = str(tmp_path / "tree")
+    truth = testing.write_imagenet_tree(root, num_classes=3, train_per_class=2,
+                                        validation_per_class=2, odd_formats=False, seed=1)
+    out = str(tmp_path / "out")
+    convert.convert_imagenet_tree(root, out, train_shards=2, validation_shards=2,
+                                  num_workers=1, progress=False)
+    _check_imagenet_output(out, truth, 2, 2)
+
+
+def test_resume_rewrites_only_missing_shards(tree, tmp_path):
+    root, _ = tree
+    out = str(tmp_path / "out")
+    kw = dict(train_shards=3, validation_shards=2, progress=False,
+              validation_labels=os.path.join(root, "validation_labels.txt"))
+    convert.convert_imagenet_tree(root, out, **kw)
+    before = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)}
+    os.remove(os.path.join(out, "train-00001-of-00003"))
+    # A shard interrupted mid-write is left under its hidden temporary name.
+    with open(os.path.join(out, tfrecord.incomplete_name("validation-00000-of-00002")), "w") as f:
+        f.write("partial")
+    assert tfrecord.list_files(out, "validation") == [
+        os.path.join(out, f"validation-0000{i}-of-00002") for i in range(2)]
+    result = convert.convert_imagenet_tree(root, out, **kw)
+    assert result.shards_written == 1
+    for name in ("train-00000-of-00003", "train-00002-of-00003", "validation-00000-of-00002"):
+        assert os.stat(os.path.join(out, name)).st_mtime_ns == before[name]
+    assert len(_records(os.path.join(out, "train-00001-of-00003"))) == 3
+    assert convert.convert_imagenet_tree(root, out, **kw).shards_written == 0   # complete
+
+
+def test_other_conversion_into_the_same_folder_is_refused(tree, tmp_path):
+    root, _ = tree
+    out = str(tmp_path / "out")
+    labels = os.path.join(root, "validation_labels.txt")
+    convert.convert_imagenet_tree(root, out, train_shards=3, validation_shards=2,
+                                  validation_labels=labels, progress=False)
+    with pytest.raises(ValueError, match="holds a different conversion"):
+        convert.convert_imagenet_tree(root, out, train_shards=2, validation_shards=2,
+                                      validation_labels=labels, progress=False)
+    with pytest.raises(ValueError, match=r"shard count 10 .* train with 9 images"):
+        convert.convert_imagenet_tree(root, str(tmp_path / "other"), train_shards=10,
+                                      validation_labels=labels, progress=False)
+
+
+def test_bad_trees_fail_with_the_path(tmp_path):
+    os.makedirs(tmp_path / "validation")
+    Image.new("RGB", (8, 8)).save(tmp_path / "validation" / "a.JPEG")
+    with pytest.raises(ValueError, match="label file"):
+        convert.scan_imagenet_tree(str(tmp_path))
+    os.makedirs(tmp_path / "train" / "n1")
+    (tmp_path / "train" / "n1" / "bad.JPEG").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    with pytest.raises(ValueError, match="Cannot decode image .*bad.JPEG"):
+        convert.convert_imagenet_tree(str(tmp_path), str(tmp_path / "out"),
+                                      train_shards=1, validation_shards=1,
+                                      validation_labels=_labels_file(tmp_path, ["n1"]),
+                                      progress=False)
+
+
+def _labels_file(tmp_path, synsets):
+    path = tmp_path / "labels.txt"
+    path.write_text("".join(f"{s}\n" for s in synsets))
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["python", "binary"])
+def test_cifar10_archive_round_trip(tmp_path, kind):
+    archive = str(tmp_path / f"cifar-10-{kind}.tar.gz")
+    counts = {"train": 25, "test": 7}
+    truth = testing.write_cifar10_archive(archive, kind=kind, counts=counts, seed=7)
+    out = str(tmp_path / "out")
+    result = convert.convert_cifar10_archive(archive, out, train_shards=3, test_shards=2,
+                                             expected_counts=counts, progress=False)
+    assert result.counts == counts
+    for split, shards in (("train", 3), ("test", 2)):
+        assert _shards(out, split) == [f"{split}-{i:05d}-of-{shards:05d}" for i in range(shards)]
+        records = _records([os.path.join(out, n) for n in _shards(out, split)])  # archive order
+        images, labels = truth[split]
+        assert len(records) == counts[split]
+        for r, image, label in zip(records, images, labels):
+            assert r["image/class/label"] == label + 1 and r["image/format"] == "PNG"
+            assert r["image/class/synset"] == convert.CIFAR10_CLASSES[label]
+            np.testing.assert_array_equal(tf.io.decode_png(r["image/encoded"]).numpy(), image)
+
+
+def test_cifar10_counts_default_to_the_real_ones(tmp_path):
+    archive = str(tmp_path / "cifar-10-binary.tar.gz")
+    testing.write_cifar10_archive(archive, kind="binary", counts={"train": 10, "test": 5})
+    with pytest.raises(ValueError, match="has 10 train images; expected 50,000"):
+        convert.convert_cifar10_archive(archive, str(tmp_path / "out"), progress=False)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_cifar10_pickles_cannot_run_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    archive = str(tmp_path / "cifar-10-python.tar.gz")
+    testing.write_cifar10_archive(archive, kind="python", counts={"train": 5, "test": 5})
+    with tarfile.open(archive) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+    members["cifar-10-batches-py/test_batch"] = pickle.dumps({b"data": Evil()}, protocol=2)
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, blob in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    with pytest.raises(pickle.UnpicklingError, match="unexpected object"):
+        convert.read_cifar10_archive(archive)
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=300)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dataset=mnist", "--input=x", "--output_dir=y"], "Invalid --dataset 'mnist'"),
+    (["--dataset=cifar10", "--input=x", "--output_dir=y", "--train_shards=0"],
+     "Invalid --train_shards 0"),
+    (["--dataset=cifar10", "--output_dir=y"], "--input is required"),
+    (["--dataset=cifar10", "--input=x", "--output_dir=y", "--train_shards=many"],
+     "train_shards"),
+    (["--no_such_flag=1"], "no_such_flag"),
+])
+def test_cli_bad_flags_one_line_exit_2(args, message):
+    proc = _run(*args)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("make_tfrecords.py: error")]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_cli_converts_a_cifar10_archive(tmp_path):
+    archive = str(tmp_path / "cifar-10-python.tar.gz")
+    testing.write_cifar10_archive(archive, kind="python", counts={"train": 20, "test": 10})
+    out = str(tmp_path / "out")
+    proc = _run("--dataset=cifar10", f"--input={archive}", f"--output_dir={out}",
+                "--cifar_counts=20,10", "--train_shards=2", "--validation_shards=1")
+    assert proc.returncode == 0, proc.stderr
+    assert "20 train, 10 test (3 shards written)" in proc.stdout
+    assert _shards(out, "train") == ["train-00000-of-00002", "train-00001-of-00002"]
+    assert len(_records(os.path.join(out, "test-00000-of-00001"))) == 10
