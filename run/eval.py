@@ -147,15 +147,11 @@ def run(source, exp: Experiment, overrides: dict, runtime: RuntimeConfig) -> dic
         exp.data.validate()
     cfg = exp.evaluation
     image_size = info["image_size"]
-    per_replica = distribute.per_replica_batch_size(cfg.global_batch_size, strategy,
-                                                    what="eval batch size")
+    distribute.per_replica_batch_size(cfg.global_batch_size, strategy, what="eval batch size")
     split = data.info(exp.data)
-
-    def dataset_fn(ctx):
-        return data.build_dataset(exp.data, split="eval", batch_size=per_replica,
-                                  image_size=image_size, input_context=ctx)
-
-    dataset = strategy.distribute_datasets_from_function(dataset_fn)
+    dataset = evaluation.distribute_eval_dataset(
+        strategy, lambda **kw: data.build_dataset(exp.data, split="eval", image_size=image_size,
+                                                  **kw), cfg.global_batch_size)
     attacks = reports.attacks_from_config(cfg)
     diagnostic = ([reports.large_epsilon_attack(cfg.sanity_epsilon, random_start=cfg.random_start)]
                   if cfg.sanity_epsilon else [])

@@ -77,6 +77,38 @@ def _batch_counts(model, images, labels, mask, attack_list, restarts, seed, num_
             stack(per_attack_adv), masked(robust), masked(zero), masked(nonfinite))
 
 
+def pad_to_whole_steps(ds: tf.data.Dataset, replicas_per_pipeline: int) -> tf.data.Dataset:
+    """Appends all-padding batches (mask 0) so the number of batches is a multiple of
+    ``replicas_per_pipeline``.
+
+    ``distribute_datasets_from_function`` hands consecutive per-replica batches to the
+    replicas of a pipeline and drops a final step that not every replica can fill, so without
+    this an eval split whose batch count is not a multiple of the replica count loses its tail.
+    """
+    if replicas_per_pipeline <= 1:
+        return ds
+    padding = ds.take(1).map(lambda *t: tuple(tf.zeros_like(x) for x in t)).repeat(
+        replicas_per_pipeline - 1)
+    return ds.concatenate(padding).batch(replicas_per_pipeline, drop_remainder=True).unbatch()
+
+
+def distribute_eval_dataset(strategy, build: Callable[..., tf.data.Dataset],
+                            global_batch_size: int):
+    """The eval split distributed over ``strategy`` with exact coverage.
+
+    ``build(batch_size=, input_context=)`` returns one pipeline's ``(images, labels, mask)``
+    batches (``sat_tf.data.build_dataset`` with the split fixed); each pipeline is padded with
+    :func:`pad_to_whole_steps`. Exact on one host; with several hosts, hosts must see the same
+    number of batches.
+    """
+    def dataset_fn(ctx: tf.distribute.InputContext):
+        ds = build(batch_size=ctx.get_per_replica_batch_size(global_batch_size),
+                   input_context=ctx)
+        return pad_to_whole_steps(ds, ctx.num_replicas_in_sync // ctx.num_input_pipelines)
+
+    return strategy.distribute_datasets_from_function(dataset_fn)
+
+
 def evaluate(model, dataset, attacks: Sequence[AttackConfig] = (), *, strategy=None,
              restarts: int = 1, seed: int = 0, max_batches: int | None = None,
              progress: Callable[[int, int], None] | None = None,

@@ -229,3 +229,29 @@ def test_a_single_batch_and_no_attacks(trained):
     result = evaluation.evaluate(trained, eval_data(), [], max_batches=1)
     assert (result["examples"], result["batches"], result["attacks"]) == (32, 1, [])
     assert result["robust_correct"] == result["clean_correct"]
+
+
+def test_pad_to_whole_steps():
+    ds = tf.data.Dataset.range(5).map(
+        lambda i: (tf.fill([2, 1], tf.cast(i, tf.float32)), tf.fill([2], i), tf.ones([2])))
+    padded = list(evaluation.pad_to_whole_steps(ds, 2))
+    assert len(padded) == 6
+    assert [int(b[1][0]) for b in padded[:5]] == [0, 1, 2, 3, 4]
+    assert float(tf.reduce_sum(padded[5][2])) == 0.0
+    assert len(list(evaluation.pad_to_whole_steps(ds, 1))) == 5
+    assert len(list(evaluation.pad_to_whole_steps(ds.take(4), 2))) == 4
+
+
+def test_two_replicas_cover_the_whole_split(trained):
+    """90 examples in per-replica batches of 10: 9 batches for 2 replicas."""
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    build = lambda **kw: data.build_dataset(DATA, split="eval", **kw)
+    one = evaluation.evaluate(trained, eval_data(), [])
+    two = evaluation.evaluate(trained, evaluation.distribute_eval_dataset(strategy, build, 20),
+                              [], strategy=strategy)
+    assert two["examples"] == one["examples"] == 90
+    assert two["clean_correct"] == one["clean_correct"]
+    # The premise: without the padding, distribute_datasets_from_function drops the 9th batch.
+    bare = strategy.distribute_datasets_from_function(
+        lambda ctx: build(batch_size=10, input_context=ctx))
+    assert evaluation.evaluate(trained, bare, [], strategy=strategy)["examples"] == 80
