@@ -152,3 +152,60 @@ def test_cli_list_and_show():
                          capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and "Unknown experiment 'nope'" in bad.stderr
+
+
+# ---- every preset's model ------------------------------------------------------------------
+# Building all 17 distinct architectures takes ~75 s on 2 CPU cores (EfficientNet-L1 alone
+# ~20 s), so every preset's model is resolved and counted in closed form (sat_tf.models'
+# count_params, which the model tests pin to built models), and one architecture per block
+# type is built here and its trainable parameters compared with the closed form.
+
+KNOWN_COUNTS = {  # DESIGN.md §5, 1000 classes
+    "resnet-50": 25_557_032, "efficientnet-b0": 5_288_548, "efficientnet-b7": 66_347_960,
+    "efficientnet-l1": 272_630_564,
+}
+
+
+@pytest.mark.parametrize("name", PAPER_PRESETS)
+def test_every_preset_resolves_its_model(name):
+    from sat_tf import models, training
+    exp = _resolved(name)
+    num_classes, image_size = training.model_shape(exp)
+    m = exp.model
+    spec = models.resolve(m.name, m.activation, num_classes, image_size=image_size,
+                          normalization=m.normalization, stem=m.stem, bn_momentum=m.bn_momentum,
+                          bn_epsilon=m.bn_epsilon, dropout_rate=m.dropout_rate,
+                          drop_connect_rate=m.drop_connect_rate)
+    if exp.data.dataset == "imagenet":
+        assert num_classes == 1000 and spec.stem in (None, "imagenet")
+        assert image_size == spec.image_size
+        if spec.family != "efficientnet":
+            assert image_size == m.image_size in (224, 299, 380)
+    else:
+        assert (num_classes, image_size) == (10, 32) and spec.family in ("resnet", "wrn")
+        assert spec.stem in (None, "cifar")
+    count = models.count_params(m.name, num_classes, m.activation, image_size=image_size,
+                                stem=m.stem)
+    if m.name in KNOWN_COUNTS and m.activation != "smooth_relu":
+        assert count == KNOWN_COUNTS[m.name]
+
+
+def test_efficientnet_presets_use_the_table_resolution():
+    from sat_tf import training
+    sizes = {v: training.model_shape(experiments.get(f"imagenet-efficientnet-{v}-sat"))[1]
+             for v in ("b0", "b3", "b7", "l1")}
+    assert sizes == {"b0": 224, "b3": 300, "b7": 600, "l1": 600}
+
+
+@pytest.mark.parametrize("name,activation", [
+    ("resnet-50", "silu"), ("resnext-50-32x4d", "gelu"), ("resnet-18", "smooth_relu"),
+    ("wrn-34-10", "elu"), ("efficientnet-b0", "silu")])
+def test_one_architecture_per_block_type_builds(name, activation):
+    import keras
+    import numpy as np
+    from sat_tf import models
+    model = models.build_model(name, activation=activation, num_classes=10, image_size=32)
+    built = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    assert built == models.count_params(name, 10, activation, image_size=32)
+    assert model.output_shape == (None, 10)
+    keras.backend.clear_session()
