@@ -3,6 +3,7 @@
     python run/experiments.py list                 # name, paper numbers, description
     python run/experiments.py list --filter=cifar10
     python run/experiments.py show imagenet-resnet50-silu    # the whole config as JSON
+    python run/experiments.py results runs/*/eval_report_step*.json   # ours beside the paper
 
 Every preset runs as ``python run/train.py --experiment=NAME`` (ImageNet ones also need
 ``--data_dir``). No TensorFlow is imported.
@@ -22,7 +23,7 @@ from sat_tf import experiments  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("filter", None, "list: only presets whose name contains this text.")
 
-USAGE = "usage: experiments.py list [--filter=TEXT] | show NAME"
+USAGE = "usage: experiments.py list [--filter=TEXT] | show NAME | results REPORT.json..."
 
 
 def _number(v) -> str:
@@ -42,6 +43,26 @@ def list_lines(name_filter: str | None = None) -> list[str]:
     return lines
 
 
+def results_lines(paths: list[str]) -> list[str]:
+    """Ours beside the paper's numbers, one line per run/eval.py report (percent)."""
+    from sat_tf import reports
+    rows = []
+    for path in paths:
+        r = reports.read_json(path)
+        paper = r.get("paper") or {}
+        ours_attack = max((a["config"]["num_steps"] for a in r["attacks"]), default=0)
+        rows.append((r["model"].get("experiment_name") or r["model"].get("name") or path,
+                     100 * r["clean_top1"], 100 * r["robust"], f"worst to PGD-{ours_attack}",
+                     paper.get("clean"), paper.get("robust"), r["sanity"]))
+    width = max([len(row[0]) for row in rows] + [10])
+    lines = [f"{'experiment':<{width}}  {'clean':>5}  {'robust':>6}  {'attack':<15}  "
+             f"{'paper clean':>11}  {'paper robust':>12}  sanity"]
+    for name, clean, robust, attack, p_clean, p_robust, sanity in rows:
+        lines.append(f"{name:<{width}}  {clean:5.1f}  {robust:6.1f}  {attack:<15}  "
+                     f"{_number(p_clean):>11}  {_number(p_robust):>12}  {sanity}")
+    return lines
+
+
 def main(argv):
     args = argv[1:]
     try:
@@ -49,10 +70,12 @@ def main(argv):
             print("\n".join(list_lines(FLAGS.filter)))
         elif len(args) == 2 and args[0] == "show":
             print(json.dumps(experiments.get(args[1]).to_dict(), indent=2))
+        elif len(args) >= 2 and args[0] == "results":
+            print("\n".join(results_lines(args[1:])))
         else:
             raise ValueError(f"Invalid arguments {' '.join(args)!r}; {USAGE}.")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        print(f"experiments.py: error: {e}", file=sys.stderr)
         return 2
     return 0
 

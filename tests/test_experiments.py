@@ -209,3 +209,26 @@ def test_one_architecture_per_block_type_builds(name, activation):
     assert built == models.count_params(name, 10, activation, image_size=32)
     assert model.output_shape == (None, 10)
     keras.backend.clear_session()
+
+
+def test_cli_results_beside_the_paper(tmp_path):
+    from sat_tf import reports
+    attack = {"config": {"epsilon": 4.0, "step_size": 1.0, "num_steps": 10, "random_start": True,
+                         "clean_start_prob": 0.0, "mode": "untargeted", "backward": None},
+              "restarts": 1, "correct": 300, "accuracy": 0.3, "adversarial_correct": 300,
+              "adversarial_accuracy": 0.3}
+    result = {"examples": 1000, "batches": 10, "clean_top1": 0.694, "clean_top5": 0.9,
+              "clean_correct": 694, "attacks": [attack], "diagnostic_attacks": [],
+              "robust": 0.3, "robust_correct": 300, "zero_gradient_fraction": 0.0,
+              "nonfinite_gradient_fraction": 0.0, "seconds": 2.0}
+    report = reports.build_report(
+        result, model={"name": "resnet-50", "activation": "silu",
+                       "experiment_name": "imagenet-resnet50-silu"},
+        data={"dataset": "imagenet"}, protocol={},
+        paper=experiments.get("imagenet-resnet50-silu").paper)
+    reports.write_json(report, str(tmp_path / "r.json"))
+    out = subprocess.run([sys.executable, str(ROOT / "run/experiments.py"), "results",
+                          str(tmp_path / "r.json")], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out[1].split() == ["imagenet-resnet50-silu", "69.4", "30.0", "worst", "to", "PGD-10",
+                              "69.7", "42.3", "pass"]
