@@ -136,7 +136,6 @@ def _report_path(source, step) -> str:
 
 def run(source, exp: Experiment, overrides: dict, runtime: RuntimeConfig) -> dict:
     """Loads the model and evaluates it; returns the report (TensorFlow from here on)."""
-    import tensorflow as tf  # noqa: F401
     from sat_tf import data, distribute, evaluation, reports
 
     strategy = distribute.strategy_from_config(runtime)

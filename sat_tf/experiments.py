@@ -151,10 +151,11 @@ def _add(name: str, factory: Callable[[], Experiment]) -> None:
 def _register_paper_presets() -> None:
     for act in FIGURE3_ACTIVATIONS:
         clean, robust = _FIGURE3[act]
-        _add(f"imagenet-resnet50-{_slug(act)}", lambda act=act, clean=clean, robust=robust: _imagenet(
-            f"Figure 3: ResNet-50 on ImageNet, adversarially trained with {act}.",
-            ModelConfig(name="resnet-50", activation=act, image_size=224),
-            recipes.resnet(), _paper("Figure 3", clean, robust)))
+        _add(f"imagenet-resnet50-{_slug(act)}",
+             lambda act=act, clean=clean, robust=robust: _imagenet(
+                 f"Figure 3: ResNet-50 on ImageNet, adversarially trained with {act}.",
+                 ModelConfig(name="resnet-50", activation=act, image_size=224),
+                 recipes.resnet(), _paper("Figure 3", clean, robust)))
 
     rules = {  # which: (attacker's backward, optimizer's backward, who gets the smooth gradient)
         "attacker": ("parametric_softplus", None, "the attacker only"),

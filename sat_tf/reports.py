@@ -128,8 +128,10 @@ def sanity_checks(result: dict, *, tolerance: float = 0.005) -> list[dict]:
         checks.append(_check("robust_le_clean", FAIL,
                              f"robust {_pct(result['robust'])} > clean {_pct(clean)}"))
     elif over:
-        checks.append(_check("robust_le_clean", FAIL, "attacks raise accuracy above clean: " + "; ".join(
-            f"{attack_name(a['config'])} {_pct(a['adversarial_accuracy'])}" for a in over)))
+        raised = "; ".join(f"{attack_name(a['config'])} {_pct(a['adversarial_accuracy'])}"
+                           for a in over)
+        checks.append(_check("robust_le_clean", FAIL, f"attacks raise accuracy above clean: "
+                             f"{raised}"))
     else:
         checks.append(_check("robust_le_clean", PASS,
                              f"robust {_pct(result['robust'])} <= clean {_pct(clean)}"))
@@ -261,7 +263,8 @@ def format_table(report: dict) -> str:
     lines.append(f"sanity: {report['sanity']}")
     for c in report["sanity_checks"]:
         lines.append(f"  {c['status']:<7} {c['name']}: {c['detail']}")
-    lines.append(f"time: {report['seconds']:.1f} s ({report['examples_per_second']:.1f} examples/s)")
+    lines.append(f"time: {report['seconds']:.1f} s "
+                 f"({report['examples_per_second']:.1f} examples/s)")
     return "\n".join(lines)
 
 
@@ -321,4 +324,6 @@ def _clock(seconds: float) -> str:
     if seconds != seconds or seconds == float("inf"):
         return "--:--"
     s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
+    if s >= 3600:
+        return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+    return f"{s // 60:02d}:{s % 60:02d}"

@@ -156,7 +156,8 @@ def test_bad_inputs_fail_clearly(exported):
     _, _, served = exported
     with pytest.raises(ValueError, match=r"Invalid input dtype float64.*float32 pixels"):
         served(tf.zeros([1, SIZE, SIZE, 3], tf.float64))
-    with pytest.raises(ValueError, match=r"Invalid input shape \[1, 8, 8, 3\].*\[batch, 16, 16, 3\]"):
+    with pytest.raises(ValueError,
+                       match=r"Invalid input shape \[1, 8, 8, 3\].*\[batch, 16, 16, 3\]"):
         served(tf.zeros([1, 8, 8, 3]))
     sig = served.loaded.signatures["serving_default"]
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"expected shape \[\?,16,16,3\]"):

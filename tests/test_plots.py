@@ -1,7 +1,6 @@
 """Figures from small real runs: activation curves against closed forms, the robustness
 scatter from a real evaluation report, loss landscapes of two trained models (in-process and
 through run/plot_landscape.py on their exports)."""
-import json
 import os
 import pathlib
 import subprocess
