@@ -32,8 +32,7 @@ def _tfrecord_stream(data: DataConfig, split: str, input_context):
                          "train-*/test-* TFRecords from run/make_tfrecords.py).")
     files = tfrecord.list_files(data.data_dir, _SPLITS[split])
     files, shard_records = pipeline.shard_files(files, input_context)
-    ds = tfrecord.read(tf.data.Dataset.from_tensor_slices(files),
-                       cycle_length=min(data.num_parallel_reads, len(files)))
+    ds = tfrecord.read(files, cycle_length=min(data.num_parallel_reads, len(files)))
     if shard_records:
         ds = pipeline.shard(ds, input_context)
     return ds, tfrecord.parse

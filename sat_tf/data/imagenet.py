@@ -75,10 +75,8 @@ def _tfrecord_stream(data: DataConfig, split: str, input_context):
     """``(file, index, record, readable)`` of one pass over this host's shards."""
     files = tfrecord.list_files(data.data_dir, _SPLITS[split])
     files, shard_records = pipeline.shard_files(files, input_context)
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    if split == "train":
-        ds = ds.shuffle(len(files), seed=data.seed, reshuffle_each_iteration=True)
-    ds = tfrecord.read(ds, cycle_length=min(data.num_parallel_reads, len(files)))
+    ds = tfrecord.read(files, cycle_length=min(data.num_parallel_reads, len(files)),
+                       shuffle_seed=data.seed if split == "train" else None)
     if shard_records:
         ds = pipeline.shard(ds, input_context)
     return ds, tfrecord.parse

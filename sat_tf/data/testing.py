@@ -30,10 +30,17 @@ def synset_names(num_classes: int) -> list[str]:
     return [f"n{10_000_000 + 37 * i:08d}" for i in range(num_classes)]
 
 
-def _crop(photos, rng, shape):
+def _crop(photos, rng, shape, native=False):
+    """A random window of a photo resized to ``shape``, or (``native``) a ``shape`` window of
+    the photo at its own resolution, mirrored half the time."""
     from PIL import Image
 
     photo = photos[rng.integers(len(photos))]
+    if native:
+        y = int(rng.integers(0, photo.shape[0] - shape[0] + 1))
+        x = int(rng.integers(0, photo.shape[1] - shape[1] + 1))
+        image = Image.fromarray(photo[y:y + shape[0], x:x + shape[1]])
+        return image.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else image
     h = int(rng.integers(photo.shape[0] // 3, photo.shape[0] + 1))
     w = int(rng.integers(photo.shape[1] // 3, photo.shape[1] + 1))
     y = int(rng.integers(0, photo.shape[0] - h + 1))
@@ -45,8 +52,11 @@ def _crop(photos, rng, shape):
 def write_imagenet_tree(root: str, *, num_classes: int = 3, train_per_class: int = 4,
                         validation_per_class: int = 2, image_shape=(60, 80),
                         flat_validation: bool = False, odd_formats: bool = True,
-                        seed: int = 0) -> dict:
+                        native: bool = False, quality: int = 90, seed: int = 0) -> dict:
     """Writes ``root/train/<synset>/*.JPEG`` and ``root/validation/...``.
+
+    ``native``: windows of the photos at their own resolution (``image_shape`` at most
+    427x640), as detailed as camera JPEGs, rather than resized crops; ``quality``: JPEG quality.
 
     With ``flat_validation`` the validation images are ``validation/ILSVRC2012_val_%08d.JPEG``
     and their synsets, one per line in file-name order, go to
@@ -62,14 +72,14 @@ def write_imagenet_tree(root: str, *, num_classes: int = 3, train_per_class: int
         if kind == "PNG":
             image.save(path, "PNG")           # a PNG under a .JPEG name, as ImageNet has
         else:
-            image.convert(kind).save(path, "JPEG", quality=90)
+            image.convert(kind).save(path, "JPEG", quality=quality)
 
     for c, synset in enumerate(synsets):
         folder = os.path.join(root, "train", synset)
         os.makedirs(folder, exist_ok=True)
         for k in range(train_per_class):
             name = f"{synset}_{k}.JPEG"
-            save(_crop(photos, rng, image_shape), os.path.join(folder, name),
+            save(_crop(photos, rng, image_shape, native), os.path.join(folder, name),
                  odd.get(c, "RGB") if k == 0 else "RGB")
             truth["train"][name] = synset
     val_items = [(s, k) for s in synsets for k in range(validation_per_class)]
@@ -81,7 +91,7 @@ def write_imagenet_tree(root: str, *, num_classes: int = 3, train_per_class: int
         else:
             folder, name = os.path.join(root, "validation", synset), f"{synset}_val_{k}.JPEG"
         os.makedirs(folder, exist_ok=True)
-        save(_crop(photos, rng, image_shape), os.path.join(folder, name))
+        save(_crop(photos, rng, image_shape, native), os.path.join(folder, name))
         truth["validation"][name] = synset
     if flat_validation:
         with open(os.path.join(root, "validation_labels.txt"), "w") as f:
