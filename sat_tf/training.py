@@ -246,8 +246,13 @@ class Trainer:
         if self.ema is not None:
             objects["ema"] = self.ema
         self.checkpoint = tf.train.Checkpoint(**objects)
+        # Multi-worker: every worker saves (the save is collective), the chief into model_dir,
+        # the others into a scratch folder of their own; all restore from model_dir.
+        self.is_chief, worker = _chief(self.strategy)
         self.checkpoint_manager = tf.train.CheckpointManager(
-            self.checkpoint, self.model_dir, max_to_keep=exp.train.max_checkpoints_to_keep,
+            self.checkpoint,
+            self.model_dir if self.is_chief else os.path.join(self.model_dir, f".worker-{worker}"),
+            max_to_keep=exp.train.max_checkpoints_to_keep if self.is_chief else 1,
             checkpoint_name=CHECKPOINT_PREFIX)
         self._restore()
         self._gradients = tf.function(self._forward_backward,
@@ -257,22 +262,16 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------
 
     def _restore(self) -> None:
-        self._check_model_dir()
-        path = self.checkpoint_manager.latest_checkpoint
+        path = tf.train.latest_checkpoint(self.model_dir)
         if path is None:
             return
+        stored = _read_experiment(self.model_dir)
+        if stored is not None and stored.model != self.experiment.model:
+            raise ValueError(
+                f"model_dir {self.model_dir!r} holds a run of another model ({stored.model}); "
+                "use a new model_dir.")
         self.checkpoint.restore(path).assert_existing_objects_matched()
         self.log(f"Restored {path} (step {int(self.step.numpy())}).")
-
-    def _check_model_dir(self) -> None:
-        stored = _read_experiment(self.model_dir)
-        if stored is not None and self.checkpoint_manager.latest_checkpoint is not None:
-            for section in ("model", "data"):
-                old, new = getattr(stored, section), getattr(self.experiment, section)
-                if old != new:
-                    raise ValueError(
-                        f"model_dir {self.model_dir!r} holds a run with a different {section} "
-                        f"section ({old} vs {new}); use a new model_dir.")
 
     def save_checkpoint(self) -> str:
         path = self.checkpoint_manager.save(checkpoint_number=int(self.step.numpy()))
@@ -365,7 +364,10 @@ class Trainer:
         tf.cond(measure, keep_pair, lambda: tf.constant(False))
 
     @tf.function
-    def _train_loop(self, iterator, num_steps):
+    def run_steps(self, iterator, num_steps):
+        """``num_steps`` training steps from a distributed iterator of (images, labels), in one
+        host round trip (a graph loop over ``strategy.run``). The last step also measures the
+        clean accuracy and keeps a few adversarial examples for the summaries."""
         for i in tf.range(num_steps):
             images, labels = next(iterator)
             self.strategy.run(self._replica_step, args=(images, labels, i == num_steps - 1))
@@ -387,13 +389,14 @@ class Trainer:
         return self.strategy.distribute_datasets_from_function(dataset_fn)
 
     def _eval_dataset(self):
-        def dataset_fn(ctx: tf.distribute.InputContext):
-            return data_lib.build_dataset(
-                self.experiment.data, split="eval",
-                batch_size=ctx.get_per_replica_batch_size(self.eval_batch_size),
-                image_size=self.image_size, input_context=ctx)
+        from sat_tf import evaluation
 
-        return self.strategy.distribute_datasets_from_function(dataset_fn)
+        def build(batch_size, input_context):
+            return data_lib.build_dataset(self.experiment.data, split="eval",
+                                          batch_size=batch_size, image_size=self.image_size,
+                                          input_context=input_context)
+
+        return evaluation.distribute_eval_dataset(self.strategy, build, self.eval_batch_size)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -432,8 +435,9 @@ class Trainer:
 
     def _writer(self):
         if self._summary_writer is None:
-            self._summary_writer = tf.summary.create_file_writer(
-                os.path.join(self.model_dir, "train"))
+            self._summary_writer = (
+                tf.summary.create_file_writer(os.path.join(self.model_dir, "train"))
+                if self.is_chief else tf.summary.create_noop_writer())
         return self._summary_writer
 
     def train(self, *, until_step: int | None = None) -> dict:
@@ -445,7 +449,8 @@ class Trainer:
         is saved.
         """
         tf.io.gfile.makedirs(self.model_dir)
-        _write_experiment(self.model_dir, self.experiment)
+        if self.is_chief:
+            _write_experiment(self.model_dir, self.experiment)
         end = self.total_steps if until_step is None else min(until_step, self.total_steps)
         step = int(self.step.numpy())
         t = self.train_cfg
@@ -464,7 +469,7 @@ class Trainer:
             while step < end:
                 n = self._next_stop(step, end) - step
                 t0 = time.time()
-                self._train_loop(iterator, tf.constant(n, tf.int32))
+                self.run_steps(iterator, tf.constant(n, tf.int32))
                 nonfinite = float(self._metrics["nonfinite"].read_value())
                 busy += time.time() - t0
                 step = int(self.step.numpy())
@@ -544,7 +549,8 @@ class Trainer:
         self.log(f"eval at step {step}{' (EMA)' if self.ema is not None else ''}: "
                  f"{result['examples']} images | clean top-1 {result['clean_top1']:.4f} | "
                  f"PGD-{a.num_steps} (eps {a.epsilon:g}, step {a.step_size:g}) {pgd:.4f}")
-        writer = tf.summary.create_file_writer(os.path.join(self.model_dir, "eval"))
+        writer = (tf.summary.create_file_writer(os.path.join(self.model_dir, "eval"))
+                  if self.is_chief else tf.summary.create_noop_writer())
         with writer.as_default(step=step):
             summary_scalar("clean_top1", result["clean_top1"])
             summary_scalar("clean_top5", result["clean_top5"])
@@ -573,6 +579,18 @@ def summary_images(name: str, images) -> None:
         plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="images"),
         data_class=summary_pb2.DATA_CLASS_BLOB_SEQUENCE)
     tf.summary.write(name, tensor, metadata=metadata)
+
+
+def _chief(strategy) -> tuple[bool, int]:
+    """(is this process the chief, its worker index) under a multi-worker strategy."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+        return True, 0
+    task_type, task_id = resolver.task_type, resolver.task_id or 0
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    chief = task_type in (None, "chief") or (task_type == "worker" and task_id == 0
+                                             and not has_chief)
+    return chief, task_id
 
 
 def _duration(seconds: float) -> str:
