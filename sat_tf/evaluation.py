@@ -9,7 +9,8 @@ with a strategy, and counts per example:
 * for each attack, correct under *every* restart (and on the clean image): an example counts
   as robust to an attack only if no restart fooled it; also, unconditioned on the clean
   prediction, how many adversarial images are classified correctly ("adversarial_correct",
-  which a working attack never makes exceed the clean count);
+  which a working untargeted attack never makes exceed the clean count). Restart r of every
+  attack draws the same random start direction and random targets;
 * ``robust``: the worst case over all attacks run — robust only if every attack failed;
 * input-gradient health on the clean images (all-zero or non-finite gradients hint at
   gradient masking).
@@ -55,13 +56,15 @@ def _batch_counts(model, images, labels, mask, attack_list, restarts, seed, num_
     top5 = tf.math.in_top_k(labels, logits, k)
     robust = top1
     per_attack, per_attack_adv = [], []
+    # Restart r of every attack uses the same seed: the same random-start direction and the
+    # same random targets (common random numbers), so that attacks differing only in steps or
+    # epsilon are compared on equal draws.
+    restart_seeds = [tf.random.experimental.stateless_fold_in(seed, r, alg=attacks_lib.RNG_ALG)
+                     for r in range(restarts)]
     for a, cfg in enumerate(attack_list):
         correct = top1
         adv_correct = tf.ones_like(top1)
-        for r in range(restarts):
-            s = tf.random.experimental.stateless_fold_in(
-                tf.random.experimental.stateless_fold_in(seed, a, alg=attacks_lib.RNG_ALG), r,
-                alg=attacks_lib.RNG_ALG)
+        for s in restart_seeds:
             adv = attacks_lib.pgd(model, images, labels, cfg, seed=s)
             pred = tf.argmax(tf.cast(_call(model, adv), tf.float32), axis=-1, output_type=tf.int32)
             adv_correct = tf.logical_and(adv_correct, tf.equal(pred, labels))

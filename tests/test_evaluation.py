@@ -121,6 +121,9 @@ def test_differences_within_noise_pass():
 def test_attack_above_clean_fails():
     r = fake([(10, 4.0, 0.5, "untargeted", 0.9)], clean=0.8)
     assert statuses(r)["robust_le_clean"] == "fail"
+    # A targeted attack may move a misclassified image onto its true class.
+    r = fake([(10, 4.0, 0.5, "untargeted", 0.7), (10, 4.0, 0.6, "targeted", 0.85)], clean=0.8)
+    assert statuses(r)["robust_le_clean"] == "pass"
 
 
 def test_large_epsilon_must_reach_zero_and_masking_warns():
@@ -255,3 +258,17 @@ def test_two_replicas_cover_the_whole_split(trained):
     bare = strategy.distribute_datasets_from_function(
         lambda ctx: build(batch_size=10, input_context=ctx))
     assert evaluation.evaluate(trained, bare, [], strategy=strategy)["examples"] == 80
+
+
+def test_attacks_share_random_draws(trained):
+    """Restart r of every attack uses the same random start and targets: the same attack
+    listed twice gives the same counts (while another seed gives other counts), so attack
+    comparisons are not blurred by different draws."""
+    cfgs = [AttackConfig(epsilon=32.0, step_size=8.0, num_steps=2, random_start=True,
+                         clean_start_prob=0.0, mode="targeted")] * 2
+    counts = []
+    for seed in (11, 12):
+        a, b = evaluation.evaluate(trained, eval_data(), cfgs, seed=seed)["attacks"]
+        assert (a["correct"], a["adversarial_correct"]) == (b["correct"], b["adversarial_correct"])
+        counts.append(a["adversarial_correct"])
+    assert counts[0] != counts[1]
