@@ -58,7 +58,8 @@ def _parse_flags(argv):
 def _checked():
     """Validates the flags (one-line ValueError) and returns the converter's keyword arguments."""
     if FLAGS.dataset not in DATASETS:
-        raise ValueError(f"Invalid --dataset {FLAGS.dataset!r}; valid choices: {', '.join(DATASETS)}.")
+        raise ValueError(f"Invalid --dataset {FLAGS.dataset!r}; valid choices: "
+                         f"{', '.join(DATASETS)}.")
     if not FLAGS.input:
         raise ValueError("--input is required.")
     if not FLAGS.output_dir:
@@ -107,14 +108,14 @@ def main(argv):
         _fail(str(e))
     from sat_tf.data import convert
 
-    run = convert.convert_imagenet_tree if FLAGS.dataset == "imagenet" else convert.convert_cifar10_archive
+    run = {"imagenet": convert.convert_imagenet_tree,
+           "cifar10": convert.convert_cifar10_archive}[FLAGS.dataset]
     try:
         result = run(FLAGS.input, FLAGS.output_dir, **kwargs)
     except ValueError as e:       # bad input data: still one line, but not a usage error
         print(f"make_tfrecords.py: error: {e}", file=sys.stderr)
         sys.exit(1)
-    counts = ", ".join(f"{n:,} {split}" for split, n in result.counts.items())
-    print(f"{FLAGS.output_dir}: {counts} ({result.shards_written} shards written)")
+    print(result.summary(FLAGS.output_dir))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ Independent truth: the random images and labels the archive was written with; a 
 image must equal a 32x32 window of its (reflect- or zero-) padded source, maybe mirrored.
 """
 import collections
-import os
 
 import numpy as np
 import pytest

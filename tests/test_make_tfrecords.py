@@ -128,7 +128,10 @@ def test_resume_rewrites_only_missing_shards(tree, tmp_path):
     for name in ("train-00000-of-00003", "train-00002-of-00003", "validation-00000-of-00002"):
         assert os.stat(os.path.join(out, name)).st_mtime_ns == before[name]
     assert len(_records(os.path.join(out, "train-00001-of-00003"))) == 3
-    assert convert.convert_imagenet_tree(root, out, **kw).shards_written == 0   # complete
+    again = convert.convert_imagenet_tree(root, out, **kw)                     # complete
+    assert again.shards_written == 0
+    assert again.summary(out) == (
+        f"{out}: already complete (9 train, 6 validation); nothing written.")
 
 
 def test_other_conversion_into_the_same_folder_is_refused(tree, tmp_path):
@@ -240,6 +243,6 @@ def test_cli_converts_a_cifar10_archive(tmp_path):
     proc = _run("--dataset=cifar10", f"--input={archive}", f"--output_dir={out}",
                 "--cifar_counts=20,10", "--train_shards=2", "--validation_shards=1")
     assert proc.returncode == 0, proc.stderr
-    assert "20 train, 10 test (3 shards written)" in proc.stdout
+    assert proc.stdout.strip() == f"{out}: wrote 3 shards (20 train, 10 test)."
     assert _shards(out, "train") == ["train-00000-of-00002", "train-00001-of-00002"]
     assert len(_records(os.path.join(out, "test-00000-of-00001"))) == 10

@@ -139,7 +139,8 @@ def equalize(image):
     offsets = tf.range(3) * 256
     hist = tf.reshape(tf.math.bincount(pixels + offsets, minlength=768, maxlength=768), [3, 256])
     # PIL: step = (pixels - count of the highest occupied level) // 255; 0 means unchanged.
-    last = 255 - tf.argmax(tf.cast(tf.reverse(hist, [1]) > 0, tf.int32), axis=1, output_type=tf.int32)
+    occupied_from_top = tf.cast(tf.reverse(hist, [1]) > 0, tf.int32)
+    last = 255 - tf.argmax(occupied_from_top, axis=1, output_type=tf.int32)
     last_count = tf.gather(hist, last, batch_dims=1)
     step = (tf.reduce_sum(hist, axis=1) - last_count) // 255
     safe_step = tf.maximum(step, 1)[:, None]
@@ -216,7 +217,8 @@ def _enhance(level):
 
 
 def apply_op(name: str, image, level: float, key, hparams: Hparams):
-    """Operation ``name`` at magnitude ``level`` on a uint8 image (``key``: its random sign/place)."""
+    """Operation ``name`` at magnitude ``level`` on a uint8 image; ``key`` draws its random
+    sign or place."""
     level = float(level)
     ops = {
         "AutoContrast": lambda: autocontrast(image),
@@ -258,7 +260,8 @@ def randaugment(image, key, *, num_layers: int = 2, magnitude: float = 10.0):
         layer_key = tf.random.experimental.stateless_fold_in(key, layer)
         choice = tf.random.stateless_uniform([], layer_key, 0, len(RANDAUGMENT_OPS), dtype=tf.int32)
         op_key = tf.random.experimental.stateless_fold_in(layer_key, 1)
-        branches = [lambda name=name, x=out: apply_op(name, x, magnitude, op_key, RANDAUGMENT_HPARAMS)
+        branches = [lambda name=name, x=out, k=op_key: apply_op(name, x, magnitude, k,
+                                                                RANDAUGMENT_HPARAMS)
                     for name in RANDAUGMENT_OPS]
         out = tf.ensure_shape(tf.switch_case(choice, branches), image.shape)
     return tf.cast(out, tf.float32)

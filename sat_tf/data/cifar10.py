@@ -76,7 +76,8 @@ def build(data: DataConfig, *, split: str, batch_size: int, image_size=None, inp
     """The CIFAR-10 split as the ``sat_tf.data`` contract describes."""
     size = image_size or IMAGE_SIZE
     if data.cifar_padding not in ("reflect", "zero"):
-        raise ValueError(f"Invalid cifar_padding {data.cifar_padding!r}; valid choices: reflect, zero.")
+        raise ValueError(f"Invalid cifar_padding {data.cifar_padding!r}; valid choices: reflect, "
+                         "zero.")
     source = data.resolved_source()
     if source == "tfrecord":
         stream, parse = _tfrecord_stream(data, split, input_context)

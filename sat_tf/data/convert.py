@@ -58,6 +58,12 @@ class Result:
     counts: dict               # split -> number of examples
     shards_written: int        # 0 when the output was already complete
 
+    def summary(self, output_dir: str) -> str:
+        counts = ", ".join(f"{n:,} {split}" for split, n in self.counts.items())
+        if not self.shards_written:
+            return f"{output_dir}: already complete ({counts}); nothing written."
+        return f"{output_dir}: wrote {self.shards_written} shards ({counts})."
+
 
 # --------------------------------------------------------------------------------------------
 # Writing shards (shared by both converters).
@@ -85,7 +91,6 @@ def write_splits(output_dir: str, dataset: str, splits: Sequence[Split], label_m
                 jobs.append((s, name, s.items[i * n // s.num_shards:(i + 1) * n // s.num_shards]))
     counts = {s.name: len(s.items) for s in splits}
     if not jobs:
-        _log(f"{output_dir}: complete ({_counts_text(counts)}); nothing to do.")
         return Result(counts, 0)
 
     total = sum(s.num_shards for s in splits)
@@ -105,7 +110,6 @@ def write_splits(output_dir: str, dataset: str, splits: Sequence[Split], label_m
                     f.cancel()
                 raise
     bar.close()
-    _log(f"{output_dir}: wrote {len(jobs)} shards ({_counts_text(counts)}).")
     return Result(counts, len(jobs))
 
 
@@ -142,14 +146,6 @@ def _write_text(output_dir: str, name: str, text: str) -> None:
     with tf.io.gfile.GFile(temp, "w") as f:
         f.write(text)
     tf.io.gfile.rename(temp, os.path.join(output_dir, name), overwrite=True)
-
-
-def _counts_text(counts: dict) -> str:
-    return ", ".join(f"{n:,} {split}" for split, n in counts.items())
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 class _Progress:
@@ -323,7 +319,8 @@ def convert_imagenet_tree(input_dir: str, output_dir: str, *,
     for name, pairs in found.items():
         items = [_ImageItem(p, label[s], s, texts.get(s, s)) for p, s in pairs]
         random.Random(_SHUFFLE_SEED).shuffle(items)
-        fingerprint = _fingerprint(f"{os.path.relpath(i.path, input_dir)}\t{i.label}" for i in items)
+        fingerprint = _fingerprint(f"{os.path.relpath(i.path, input_dir)}\t{i.label}"
+                                   for i in items)
         splits.append(Split(name, items, shards[name], _encode_image_item, fingerprint))
     return write_splits(output_dir, "imagenet", splits, synsets, num_workers=num_workers,
                         progress=progress)
@@ -335,7 +332,8 @@ def convert_imagenet_tree(input_dir: str, output_dir: str, *,
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles plain data and NumPy arrays only (the CIFAR batches), nothing executable."""
 
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
+                ("numpy._core.multiarray", "_reconstruct"),
                 ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
                 ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 

@@ -30,7 +30,7 @@ _SPLITS = {"train": "train", "eval": "validation"}    # our split -> file prefix
 
 
 def center_crop_window(shape, image_size: int):
-    """``[y, x, h, w]`` of the centre square ``image_size / (image_size + 32)`` of the short side."""
+    """``[y, x, h, w]``: the centre square, ``image_size / (image_size + 32)`` of the short side."""
     height, width = shape[0], shape[1]
     side = tf.cast(image_size / (image_size + CROP_PADDING)
                    * tf.cast(tf.minimum(height, width), tf.float32), tf.int32)
@@ -83,7 +83,7 @@ def _tfrecord_stream(data: DataConfig, split: str, input_context):
 
 
 def _tfds_stream(data: DataConfig, split: str, input_context):
-    """``(file, index, (jpeg, label), True)`` from TFDS ``imagenet2012`` (labels already 0-based)."""
+    """``(file, index, (jpeg, label), True)`` from TFDS ``imagenet2012`` (0-based labels)."""
     import tensorflow_datasets as tfds
 
     builder = tfds.builder("imagenet2012", data_dir=data.data_dir)
