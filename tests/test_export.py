@@ -187,21 +187,17 @@ def finish(proc):
 
 
 def test_saved_model_cli_show_and_run(exported, tmp_path):
-    """TensorFlow's own tool, in subprocesses (run in parallel): lists the signatures, and runs
-    both the pixel and the encoded-image signature."""
+    """TensorFlow's own tool, in subprocesses (run in parallel): lists the signatures and runs
+    the pixel signature (the encoded-image one is checked in-process above)."""
     model, path, _ = exported
     x = pixels(3, seed=9).numpy()
     np.save(tmp_path / "x.npy", x)
-    rng = np.random.default_rng(3)
-    png = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
-    np.save(tmp_path / "png.npy", np.array([encode(png, "PNG")]))
     run = lambda sig, inputs, out: start_cli(
         "run", "--dir", path, "--tag_set", "serve", "--signature_def", sig, "--inputs", inputs,
         "--outdir", str(tmp_path / out))
     procs = [start_cli("show", "--dir", path, "--all"),
-             run("serving_default", f"images={tmp_path / 'x.npy'}", "pixels"),
-             run("serving_encoded", f"image_bytes={tmp_path / 'png.npy'}", "encoded")]
-    shown, _, _ = [finish(p) for p in procs]
+             run("serving_default", f"images={tmp_path / 'x.npy'}", "pixels")]
+    shown, _ = [finish(p) for p in procs]
 
     for name in ("serving_default", "serving_encoded", "metadata"):
         assert f"signature_def['{name}']" in shown
@@ -210,6 +206,3 @@ def test_saved_model_cli_show_and_run(exported, tmp_path):
     logits = np.load(tmp_path / "pixels" / "logits.npy")
     np.testing.assert_allclose(logits, model(x, training=False).numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(np.load(tmp_path / "pixels" / "classes.npy"), logits.argmax(-1))
-    crop = png[None, 16:32, 24:40].astype(np.float32)
-    np.testing.assert_allclose(np.load(tmp_path / "encoded" / "logits.npy"),
-                               model(crop, training=False).numpy(), rtol=1e-4, atol=1e-4)
