@@ -13,12 +13,13 @@ setup(
         "tensorflow-datasets>=4.9",
         "absl-py>=1.0",
         "numpy>=1.23",
+        # run/make_tfrecords.py re-encodes PNG / CMYK / grayscale images to RGB JPEG.
+        "pillow>=9",
     ],
     extras_require={
         # scikit-learn ships two real JPEG photos (china.jpg, flower.jpg) that the
-        # data tests build an ImageNet-style folder tree from; Pillow writes the
-        # PNG / CMYK / grayscale variants the converter must re-encode.
-        "test": ["pytest>=7", "scikit-learn>=1.0", "pillow>=9", "matplotlib>=3.5"],
+        # data tests build an ImageNet-style folder tree from; matplotlib for the figures.
+        "test": ["pytest>=7", "scikit-learn>=1.0", "matplotlib>=3.5"],
         "plot": ["matplotlib>=3.5"],
     },
 )
