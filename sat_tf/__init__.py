@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "activations", "attacks", "config", "data", "distribute", "efficientnet", "evaluation",
-    "experiments", "export", "models", "names", "recipes", "resnet", "training",
+    "experiments", "export", "loading", "models", "names", "plots", "recipes", "reports", "resnet",
+    "training",
 )
 
 

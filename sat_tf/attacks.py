@@ -106,7 +106,8 @@ def pgd(model, images, labels, config: AttackConfig, *, seed=None, targets=None)
                 logits = _logits(model, x_adv)
             loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
                 attack_labels, tf.cast(logits, tf.float32)))
-        grad = tape.gradient(loss, x_adv)
+        # A model whose output ignores its input has a zero, not a missing, gradient.
+        grad = tape.gradient(loss, x_adv, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         x_adv = x_adv + direction * step * tf.sign(grad)
         return i + 1, project(x_adv, images, eps)
 

@@ -202,3 +202,17 @@ def test_runs_under_strategy_and_xla(trained):
 
     out = strategy.gather(step(dist), axis=0)
     assert out.shape == (8, 16, 16, 3) and in_box(out, x[:8], 8.0)
+
+
+def test_model_that_ignores_its_input_is_not_moved():
+    """A constant model has a zero input gradient: PGD without random start returns x."""
+    inp = keras.Input((4, 4, 3))
+    out = keras.layers.Dense(3)(keras.layers.Flatten()(inp * 0.0))
+    model = keras.Model(inp, out)
+    x = tf.random.uniform([2, 4, 4, 3], 0, 255, seed=3)
+    adv = attacks.pgd(model, x, tf.constant([0, 1]), attack_cfg(random_start=False))
+    np.testing.assert_array_equal(adv.numpy(), x.numpy())
+    # Not even connected to the input (a callable, e.g. a broken SavedModel function).
+    constant = lambda images: tf.zeros([2, 3])
+    adv = attacks.pgd(constant, x, tf.constant([0, 1]), attack_cfg(random_start=False))
+    np.testing.assert_array_equal(adv.numpy(), x.numpy())
