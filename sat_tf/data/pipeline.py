@@ -68,57 +68,80 @@ def decode_reporting_corrupt(ds: tf.data.Dataset, fn, *, skip_corrupt: bool) -> 
     with ``skip_corrupt=False`` iteration fails with an InvalidArgumentError that names
     ``file`` and ``index``; with ``skip_corrupt=True`` the element is dropped and one line
     ``sat_tf.data: skipped corrupt record <index> of <file> (<n> skipped so far)`` is printed to
-    stderr, with the running count. Work runs in parallel and the order is kept.
+    stderr, with the running count. ``fn`` runs in one parallel map and the order is kept.
     """
-    def attempt(file, index, payload, readable):
-        # A one-element dataset contains fn's error (ignore_errors); a placeholder follows it
-        # and is only produced (take(1)) when fn failed.
-        good = tf.data.Dataset.from_tensors((payload,)).filter(lambda p: readable)
-        good = good.map(lambda p: (fn(p), True)).ignore_errors()
-        spec = good.element_spec[0]
-        for s in tf.nest.flatten(spec):
-            if not s.shape.is_fully_defined():
-                raise ValueError(f"decode_reporting_corrupt needs static output shapes, got {s}.")
+    payload_spec = ds.element_spec[2]
+    spec = tf.nest.map_structure(
+        tf.TensorSpec.from_tensor,
+        tf.function(fn, autograph=False).get_concrete_function(payload_spec).structured_outputs)
+    for s in tf.nest.flatten(spec):
+        if not s.shape.is_fully_defined():
+            raise ValueError(f"decode_reporting_corrupt needs static output shapes, got {s}.")
 
-        def placeholder(_):
-            return tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), spec), False
+    def zeros(structure, leading=()):
+        return tf.nest.map_structure(
+            lambda s: tf.zeros(list(leading) + [d or 0 for d in s.shape], s.dtype), structure)
 
-        out = good.concatenate(tf.data.Dataset.range(1).map(placeholder)).take(1)
-        return out.map(lambda value, ok: (value, ok, file, index))
+    # Every element becomes two: a marker that carries (file, index) and cannot fail, then the
+    # work, which runs fn and is dropped by ignore_errors when it fails. A marker that is not
+    # followed by its work names a failed element; one last marker closes the stream.
+    def as_pair(file, index, payload, readable):
+        pair = lambda t: tf.stack([tf.zeros_like(t), t])
+        return (tf.constant([False, True]), tf.stack([file, file]), tf.stack([index, index]),
+                tf.nest.map_structure(pair, payload), tf.stack([readable, readable]))
 
-    ds = ds.interleave(attempt, cycle_length=tf.data.AUTOTUNE, block_length=1,
-                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    closing = tf.data.Dataset.from_tensors((
+        tf.constant([False]), tf.constant([""]), tf.constant([-1], tf.int64),
+        zeros(payload_spec, [1]), tf.constant([False])))
+    pairs = ds.map(as_pair).concatenate(closing).unbatch()
+
+    def attempt(is_work, file, index, payload, readable):
+        def work():
+            check = tf.debugging.Assert(readable, ["unreadable record"])
+            with tf.control_dependencies([check]):
+                return fn(payload)
+
+        return tf.cond(is_work, work, lambda: zeros(spec)), is_work, file, index
+
+    attempted = pairs.map(attempt, num_parallel_calls=tf.data.AUTOTUNE,
+                          deterministic=True).ignore_errors()
 
     def where(file, index):
         return tf.strings.join(["record ", tf.strings.as_string(index), " of ", file])
 
+    # State: the last marker's (file, index), whether its work is still missing, failures so far.
+    def step(state, element):
+        file, index, pending, failed = state
+        value, is_work, new_file, new_index = element
+        lost = tf.logical_and(pending, tf.logical_not(is_work))   # a marker after a marker
+        failed += tf.cast(lost, tf.int64)
+        emit = tf.logical_or(is_work, lost)
+        report = (file, index)
+        new_state = (tf.where(is_work, file, new_file), tf.where(is_work, index, new_index),
+                     tf.logical_not(is_work), failed)
+        return new_state, (value, is_work, emit, report[0], report[1], failed)
+
+    init = (tf.constant(""), tf.constant(-1, tf.int64), tf.constant(False),
+            tf.constant(0, tf.int64))
+    scanned = attempted.scan(init, step).filter(lambda v, ok, emit, f, i, n: emit)
+
     if not skip_corrupt:
-        def check(value, ok, file, index):
+        def check(value, ok, emit, file, index, failed):
             assertion = tf.debugging.Assert(ok, [tf.strings.join(
                 ["Corrupt record or undecodable image: ", where(file, index)])])
             with tf.control_dependencies([assertion]):
                 return tf.nest.map_structure(tf.identity, value)
 
-        return ds.map(check)
+        return scanned.map(check)
 
-    def count(skipped, element):
-        value, ok, file, index = element
-        skipped += tf.cast(tf.logical_not(ok), tf.int64)
+    def log(value, ok, emit, file, index, failed):
+        line = tf.strings.join(["sat_tf.data: skipped corrupt ", where(file, index), " (",
+                                tf.strings.as_string(failed), " skipped so far)"])
+        printed = tf.print(line, output_stream=sys.stderr)
+        with tf.control_dependencies([printed]):
+            return tf.identity(ok)
 
-        def log():
-            line = tf.strings.join(["sat_tf.data: skipped corrupt ", where(file, index), " (",
-                                    tf.strings.as_string(skipped), " skipped so far)"])
-            printed = tf.print(line, output_stream=sys.stderr)
-            with tf.control_dependencies([printed]):
-                return tf.identity(ok)
+    def keep(value, ok, emit, file, index, failed):
+        return tf.cond(ok, lambda: ok, lambda: log(value, ok, emit, file, index, failed))
 
-        ok = tf.cond(ok, lambda: ok, log)
-        return skipped, (value, ok)
-
-    def is_ok(value, ok):
-        return ok
-
-    def value_of(value, ok):
-        return value
-
-    return ds.scan(tf.constant(0, tf.int64), count).filter(is_ok).map(value_of)
+    return scanned.filter(keep).map(lambda value, ok, emit, file, index, failed: value)
