@@ -11,6 +11,9 @@ setup(
         "tensorflow>=2.18,<2.22",
         "keras>=3.0",
         "tensorflow-datasets>=4.9",
+        # tensorflow-datasets reads its checksum files through importlib_resources when it
+        # downloads (CIFAR-10 on first use) but does not declare it.
+        "importlib_resources",
         "absl-py>=1.0",
         "numpy>=1.23",
         # run/make_tfrecords.py re-encodes PNG / CMYK / grayscale images to RGB JPEG.
