@@ -60,6 +60,9 @@ def example_key(seed: int, input_context) -> Callable:
     return lambda index: tf.stack([tf.constant(seed, tf.int64), index * n + i])
 
 
+HISTORY = 32    # consecutive failures decode_reporting_corrupt names (it counts them all)
+
+
 def decode_reporting_corrupt(ds: tf.data.Dataset, fn, *, skip_corrupt: bool) -> tf.data.Dataset:
     """Maps ``fn`` over ``(file, index, payload, readable)`` elements, reporting failures by name.
 
@@ -82,66 +85,93 @@ def decode_reporting_corrupt(ds: tf.data.Dataset, fn, *, skip_corrupt: bool) -> 
         return tf.nest.map_structure(
             lambda s: tf.zeros(list(leading) + [d or 0 for d in s.shape], s.dtype), structure)
 
-    # Every element becomes two: a marker that carries (file, index) and cannot fail, then the
-    # work, which runs fn and is dropped by ignore_errors when it fails. A marker that is not
-    # followed by its work names a failed element; one last marker closes the stream.
-    def as_pair(file, index, payload, readable):
-        pair = lambda t: tf.stack([tf.zeros_like(t), t])
-        return (tf.constant([False, True]), tf.stack([file, file]), tf.stack([index, index]),
-                tf.nest.map_structure(pair, payload), tf.stack([readable, readable]))
+    # Each element carries its stream position and the (file, index) of itself and the
+    # HISTORY - 1 elements before it; fn runs in one parallel map and ignore_errors drops the
+    # elements where it fails. A gap in the positions after it counts the failures, and the
+    # history of the next kept element names them. A finite stream gets a closing element
+    # (which skips fn) so failures at its very end are seen too.
+    finite = tf.get_static_value(ds.cardinality()) != tf.data.INFINITE_CARDINALITY
+    if finite:      # index -1 marks the closing element
+        ds = ds.concatenate(tf.data.Dataset.from_tensors((
+            tf.constant(""), tf.constant(-1, tf.int64), zeros(payload_spec), tf.constant(True))))
 
-    closing = tf.data.Dataset.from_tensors((
-        tf.constant([False]), tf.constant([""]), tf.constant([-1], tf.int64),
-        zeros(payload_spec, [1]), tf.constant([False])))
-    pairs = ds.map(as_pair).concatenate(closing).unbatch()
+    def remember(state, element):
+        position, files, indices = state
+        file, index, payload, readable = element
+        files = tf.concat([files[1:], [file]], 0)
+        indices = tf.concat([indices[1:], [index]], 0)
+        return ((position + 1, files, indices),
+                (position, files, indices, payload, readable, index >= 0))
 
-    def attempt(is_work, file, index, payload, readable):
+    ds = ds.scan((tf.constant(0, tf.int64), tf.fill([HISTORY], ""),
+                  tf.fill([HISTORY], tf.constant(-1, tf.int64))), remember)
+
+    def attempt(position, files, indices, payload, readable, real):
         def work():
             check = tf.debugging.Assert(readable, ["unreadable record"])
             with tf.control_dependencies([check]):
                 return fn(payload)
 
-        return tf.cond(is_work, work, lambda: zeros(spec)), is_work, file, index
+        value = tf.cond(real, work, lambda: zeros(spec)) if finite else work()
+        return value, position, files, indices, real
 
-    attempted = pairs.map(attempt, num_parallel_calls=tf.data.AUTOTUNE,
-                          deterministic=True).ignore_errors()
+    ds = ds.map(attempt, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
 
     def where(file, index):
         return tf.strings.join(["record ", tf.strings.as_string(index), " of ", file])
 
-    # State: the last marker's (file, index), whether its work is still missing, failures so far.
-    def step(state, element):
-        file, index, pending, failed = state
-        value, is_work, new_file, new_index = element
-        lost = tf.logical_and(pending, tf.logical_not(is_work))   # a marker after a marker
-        failed += tf.cast(lost, tf.int64)
-        emit = tf.logical_or(is_work, lost)
-        report = (file, index)
-        new_state = (tf.where(is_work, file, new_file), tf.where(is_work, index, new_index),
-                     tf.logical_not(is_work), failed)
-        return new_state, (value, is_work, emit, report[0], report[1], failed)
-
-    init = (tf.constant(""), tf.constant(-1, tf.int64), tf.constant(False),
-            tf.constant(0, tf.int64))
-    scanned = attempted.scan(init, step).filter(lambda v, ok, emit, f, i, n: emit)
+    def lost_records(lost, files, indices):
+        """``where`` of the ``lost`` elements before the last of ``files`` (as many as known)."""
+        known = tf.minimum(lost, HISTORY - 1)
+        begin = tf.cast(HISTORY - 1 - known, tf.int32)
+        return where(files[begin:HISTORY - 1], indices[begin:HISTORY - 1]), lost - known
 
     if not skip_corrupt:
-        def check(value, ok, emit, file, index, failed):
-            assertion = tf.debugging.Assert(ok, [tf.strings.join(
-                ["Corrupt record or undecodable image: ", where(file, index)])])
+        def check(value, real, lost, failed, files, indices):
+            def first_lost():
+                named, unnamed = lost_records(lost, files, indices)
+                return tf.cond(unnamed > 0, lambda: tf.strings.join([
+                    named[0], " (and ", tf.strings.as_string(unnamed),
+                    " corrupt records before it)"]), lambda: named[0])
+
+            message = tf.cond(lost > 0, first_lost, lambda: tf.constant(""))
+            assertion = tf.debugging.Assert(tf.equal(lost, 0), [tf.strings.join(
+                ["Corrupt record or undecodable image: ", message])])
             with tf.control_dependencies([assertion]):
-                return tf.nest.map_structure(tf.identity, value)
+                return tf.nest.map_structure(tf.identity, value), real
 
-        return scanned.map(check)
+    else:
+        def check(value, real, lost, failed, files, indices):
+            def log():
+                named, unnamed = lost_records(lost, files, indices)
+                counts = failed + unnamed + tf.range(1, tf.size(named, tf.int64) + 1)
+                lines = tf.strings.join(["sat_tf.data: skipped corrupt ", named, " (",
+                                         tf.strings.as_string(counts), " skipped so far)"])
+                unnamed_line = tf.strings.join([
+                    "sat_tf.data: skipped ", tf.strings.as_string(unnamed),
+                    " corrupt records not named (", tf.strings.as_string(failed + unnamed),
+                    " skipped so far)"])
+                lines = tf.cond(unnamed > 0, lambda: tf.concat([[unnamed_line], lines], 0),
+                                lambda: lines)
+                printed = tf.print(tf.strings.reduce_join(lines, separator="\n"),
+                                   output_stream=sys.stderr)
+                with tf.control_dependencies([printed]):
+                    return tf.identity(real)
 
-    def log(value, ok, emit, file, index, failed):
-        line = tf.strings.join(["sat_tf.data: skipped corrupt ", where(file, index), " (",
-                                tf.strings.as_string(failed), " skipped so far)"])
-        printed = tf.print(line, output_stream=sys.stderr)
-        with tf.control_dependencies([printed]):
-            return tf.identity(ok)
+            return value, tf.cond(lost > 0, log, lambda: real)
 
-    def keep(value, ok, emit, file, index, failed):
-        return tf.cond(ok, lambda: ok, lambda: log(value, ok, emit, file, index, failed))
+    # State: the next expected position, failures so far.
+    def count(state, element):
+        expected, failed = state
+        value, position, files, indices, real = element
+        lost = position - expected
+        return (position + 1, failed + lost), check(value, real, lost, failed, files, indices)
 
-    return scanned.filter(keep).map(lambda value, ok, emit, file, index, failed: value)
+    def is_real(value, real):
+        return real
+
+    def value_of(value, real):
+        return value
+
+    ds = ds.scan((tf.constant(0, tf.int64), tf.constant(0, tf.int64)), count)
+    return ds.filter(is_real).map(value_of)
