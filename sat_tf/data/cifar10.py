@@ -86,7 +86,7 @@ def build(data: DataConfig, *, split: str, batch_size: int, image_size=None, inp
     else:
         raise ValueError(f"Invalid data source {source!r}; valid choices: tfrecord, tfds.")
 
-    def decode(raw):
+    def decode(raw, position):
         png, label = parse(raw)
         image = tf.ensure_shape(tf.io.decode_png(png, channels=3), [IMAGE_SIZE, IMAGE_SIZE, 3])
         return image, label

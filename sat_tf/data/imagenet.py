@@ -123,17 +123,16 @@ def build(data: DataConfig, *, split: str, batch_size: int, image_size=None, inp
         key = pipeline.example_key(data.seed, input_context)
         # Shuffling one pass, then repeating, keeps epochs whole: each sees every record once.
         ds = stream.shuffle(data.shuffle_buffer, seed=data.seed, reshuffle_each_iteration=True)
-        ds = ds.repeat().enumerate().map(lambda i, e: (e[0], e[1], (key(i), e[2]), e[3]))
+        ds = ds.repeat()
 
-        def example(payload):
-            example_key, raw = payload
+        def example(raw, position):
             image_bytes, label = parse(raw)
-            return preprocess_train(image_bytes, example_key, size, data), label
+            return preprocess_train(image_bytes, key(position), size, data), label
 
         ds = pipeline.decode_reporting_corrupt(ds, example, skip_corrupt=data.skip_corrupt)
         return pipeline.batch_train(ds, batch_size)
 
-    def eval_example(raw):
+    def eval_example(raw, position):
         image_bytes, label = parse(raw)
         return preprocess_eval(image_bytes, size), label
 

@@ -66,7 +66,8 @@ HISTORY = 32    # consecutive failures decode_reporting_corrupt names (it counts
 def decode_reporting_corrupt(ds: tf.data.Dataset, fn, *, skip_corrupt: bool) -> tf.data.Dataset:
     """Maps ``fn`` over ``(file, index, payload, readable)`` elements, reporting failures by name.
 
-    ``fn(payload)`` returns tensors with static shapes (e.g. a decoded image and its label).
+    ``fn(payload, position)`` returns tensors with static shapes (e.g. a decoded image and its
+    label); ``position`` is the int64 position of the element in ``ds`` (0, 1, 2, ...).
     When it fails (a corrupt record, an undecodable image), or ``readable`` is False, then
     with ``skip_corrupt=False`` iteration fails with an InvalidArgumentError that names
     ``file`` and ``index``; with ``skip_corrupt=True`` the element is dropped and one line
@@ -76,7 +77,8 @@ def decode_reporting_corrupt(ds: tf.data.Dataset, fn, *, skip_corrupt: bool) -> 
     payload_spec = ds.element_spec[2]
     spec = tf.nest.map_structure(
         tf.TensorSpec.from_tensor,
-        tf.function(fn, autograph=False).get_concrete_function(payload_spec).structured_outputs)
+        tf.function(fn, autograph=False).get_concrete_function(
+            payload_spec, tf.TensorSpec([], tf.int64)).structured_outputs)
     for s in tf.nest.flatten(spec):
         if not s.shape.is_fully_defined():
             raise ValueError(f"decode_reporting_corrupt needs static output shapes, got {s}.")
@@ -110,7 +112,7 @@ def decode_reporting_corrupt(ds: tf.data.Dataset, fn, *, skip_corrupt: bool) -> 
         def work():
             check = tf.debugging.Assert(readable, ["unreadable record"])
             with tf.control_dependencies([check]):
-                return fn(payload)
+                return fn(payload, position)
 
         value = tf.cond(real, work, lambda: zeros(spec)) if finite else work()
         return value, position, files, indices, real

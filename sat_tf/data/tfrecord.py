@@ -133,14 +133,13 @@ def _read_file(filename, size):
         offset, index = state
         record, is_record = element
         length = tf.cast(tf.strings.length(record), tf.int64) + _RECORD_OVERHEAD_BYTES
-        return (offset + length, index + 1), (index, record, is_record, offset)
+        # The end marker of a file read to its end gets index -1 and is dropped.
+        index_out = tf.where(tf.logical_or(is_record, offset < size), index, -1)
+        return (offset + length, index + 1), (filename, index_out, record, is_record)
 
     located = marked.scan((tf.constant(0, tf.int64), tf.constant(0, tf.int64)), step)
 
-    def keep(index, record, is_record, offset):
-        return tf.logical_or(is_record, offset < size)
+    def keep(filename, index, record, readable):
+        return index >= 0
 
-    def located_record(index, record, is_record, offset):
-        return filename, index, record, is_record
-
-    return located.filter(keep).map(located_record)
+    return located.filter(keep)
