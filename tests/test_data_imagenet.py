@@ -294,3 +294,29 @@ def test_tfds_imagenet2012_source(tmp_path):
         assert images.shape == (4, SIZE, SIZE, 3) and labels.dtype == tf.int32
         assert 0 <= int(tf.reduce_min(labels)) and int(tf.reduce_max(labels)) < 1000
     assert x.shape == (4, SIZE, SIZE, 3) and 0.0 <= float(tf.reduce_min(x)) <= 255.0
+
+
+def test_failures_in_a_long_run_and_at_the_end_are_counted(monkeypatch, capfd):
+    # fn fails where the payload is 0: records 1, 2, 3 (a run longer than the history of 2
+    # names) and 5 (the last element of the stream).
+    monkeypatch.setattr(pipeline, "HISTORY", 2)
+    ds = tf.data.Dataset.from_tensor_slices((
+        tf.constant(["a"] * 6), tf.range(6, dtype=tf.int64),
+        tf.constant([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]), tf.constant([True] * 6)))
+
+    def fn(payload, position):
+        with tf.control_dependencies([tf.debugging.assert_positive(payload)]):
+            return payload * 10.0 + tf.cast(position, tf.float32)
+
+    got = list(pipeline.decode_reporting_corrupt(ds, fn, skip_corrupt=True).as_numpy_iterator())
+    assert got == [10.0, 14.0]                                   # positions 0 and 4
+    lines = [l for l in capfd.readouterr().err.splitlines() if "sat_tf.data: skipped" in l]
+    assert lines == ["sat_tf.data: skipped 2 corrupt records not named (2 skipped so far)",
+                     "sat_tf.data: skipped corrupt record 3 of a (3 skipped so far)",
+                     "sat_tf.data: skipped corrupt record 5 of a (4 skipped so far)"]
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"record 3 of a \(and 2 corrupt records before it\)"):
+        list(pipeline.decode_reporting_corrupt(ds, fn, skip_corrupt=False))
+    tail = ds.take(1).concatenate(ds.skip(5))                    # only the last one fails
+    with pytest.raises(tf.errors.InvalidArgumentError, match="record 5 of a"):
+        list(pipeline.decode_reporting_corrupt(tail, fn, skip_corrupt=False))
