@@ -66,7 +66,8 @@ def _bare(data_dir: str, resize: bool):
     def decode(record):
         image = tf.io.decode_jpeg(tfrecord.parse(record)[0], channels=3)
         if resize:
-            return tf.image.resize(image, [FLAGS.image_size] * 2, method="bicubic")
+            return tf.image.resize(tf.cast(image, tf.float32), [FLAGS.image_size] * 2,
+                                   method="bicubic")   # as the pipelines resize
         return tf.shape(image)[0]
 
     files = tfrecord.list_files(data_dir, "train")

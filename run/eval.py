@@ -27,8 +27,9 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
+from sat_tf import cli  # noqa: E402
 from sat_tf import loading  # noqa: E402
 from sat_tf.config import (ATTACK_MODES, DATA_SOURCES, DATASETS, STRATEGIES,  # noqa: E402
                            Experiment, RuntimeConfig)
@@ -69,12 +70,8 @@ flags.DEFINE_integer("num_gpus", None, "mirrored: use the first N GPUs (default:
 flags.DEFINE_integer("logical_cpus", None, "Split the CPU into N logical devices (testing "
                      "--strategy=mirrored on a CPU-only machine).")
 
-EXIT_USAGE = 2
-
-
 def _fail(message: str) -> None:
-    print(f"eval.py: error: {message}", file=sys.stderr)
-    sys.exit(EXIT_USAGE)
+    cli.fail("eval.py", message)
 
 
 def _numbers(name: str, values, kind):
@@ -205,12 +202,6 @@ def main(argv):
         sys.exit(1)
 
 
-def _parse_flags(argv):
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        _fail(str(e).splitlines()[0])
-
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    cli.run(main, "eval.py")

@@ -19,8 +19,9 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
+from sat_tf import cli  # noqa: E402
 from sat_tf import loading  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -31,12 +32,8 @@ flags.DEFINE_bool("use_ema", True, "Export the EMA weights when the run kept the
 flags.DEFINE_alias("ema", "use_ema")
 flags.DEFINE_string("export_dir", None, "A new (or empty) folder for the SavedModel.")
 
-EXIT_USAGE = 2
-
-
 def _fail(message: str) -> None:
-    print(f"export.py: error: {message}", file=sys.stderr)
-    sys.exit(EXIT_USAGE)
+    cli.fail("export.py", message)
 
 
 def check_flags() -> loading.Source:
@@ -85,12 +82,6 @@ def main(argv):
           f"{export.METADATA_SIGNATURE}.", flush=True)
 
 
-def _parse_flags(argv):
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        _fail(str(e).splitlines()[0])
-
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    cli.run(main, "export.py")

@@ -19,7 +19,11 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags  # noqa: E402
+
+from sat_tf import cli  # noqa: E402
 
 flags.DEFINE_string("dataset", None, "imagenet or cifar10.")
 flags.DEFINE_string("input", None, "imagenet: the folder holding train/ and/or validation/; "
@@ -43,16 +47,9 @@ FLAGS = flags.FLAGS
 DATASETS = ("imagenet", "cifar10")
 
 
-def _fail(message: str):
-    print(f"make_tfrecords.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+def _fail(message: str) -> None:
+    cli.fail("make_tfrecords.py", message)
 
-
-def _parse_flags(argv):
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        _fail(str(e).splitlines()[0])
 
 
 def _checked():
@@ -110,14 +107,9 @@ def main(argv):
 
     run = {"imagenet": convert.convert_imagenet_tree,
            "cifar10": convert.convert_cifar10_archive}[FLAGS.dataset]
-    try:
-        result = run(FLAGS.input, FLAGS.output_dir, **kwargs)
-    except ValueError as e:       # bad input data: still one line, but not a usage error
-        print(f"make_tfrecords.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    result = run(FLAGS.input, FLAGS.output_dir, **kwargs)  # bad input data: cli exits 1
     print(result.summary(FLAGS.output_dir))
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    app.run(main, flags_parser=_parse_flags)
+    cli.run(main, "make_tfrecords.py")

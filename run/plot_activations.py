@@ -13,8 +13,9 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
+from sat_tf import cli  # noqa: E402
 from sat_tf import names  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -29,8 +30,7 @@ flags.DEFINE_integer("dpi", 100, "PNG resolution.")
 
 
 def _fail(message: str) -> None:
-    print(f"plot_activations.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail("plot_activations.py", message)
 
 
 def main(argv):
@@ -54,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "plot_activations.py")

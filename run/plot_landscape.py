@@ -18,8 +18,9 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
+from sat_tf import cli  # noqa: E402
 from sat_tf import loading  # noqa: E402
 from sat_tf.config import DATASETS, Experiment  # noqa: E402
 
@@ -42,8 +43,7 @@ flags.DEFINE_list("formats", ["png", "pdf"], "Figure formats: png, pdf, svg.")
 
 
 def _fail(message: str) -> None:
-    print(f"plot_landscape.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail("plot_landscape.py", message)
 
 
 def check_flags():
@@ -107,4 +107,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "plot_landscape.py")

@@ -17,8 +17,9 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
+from sat_tf import cli  # noqa: E402
 from sat_tf import experiments, reports  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -33,8 +34,7 @@ flags.DEFINE_list("formats", ["png", "pdf"], "Figure formats: png, pdf, svg.")
 
 
 def _fail(message: str) -> None:
-    print(f"plot_robustness.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    cli.fail("plot_robustness.py", message)
 
 
 def paper_points(prefixes, exclude=()) -> list[dict]:
@@ -91,4 +91,4 @@ def plots_point(report, label):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "plot_robustness.py")
