@@ -12,7 +12,7 @@ import tensorflow_datasets as tfds
 
 from sat_tf import data as data_lib
 from sat_tf.config import DataConfig
-from sat_tf.data import convert, testing, tfrecord
+from sat_tf.data import cifar10, convert, testing, tfrecord
 
 COUNTS = {"train": 40, "test": 13}
 
@@ -146,3 +146,21 @@ def test_tfrecord_source_needs_data_dir():
                                batch_size=4)
     with pytest.raises(ValueError, match="apply to imagenet only"):
         DataConfig(dataset="cifar10", augment="randaugment").validate()
+
+
+def test_tfds_download_path_is_installed_and_fails_in_one_line(tmp_path, monkeypatch):
+    """The real TFDS download path works up to the network (its checksum files load), and a
+    failed download is one ConnectionError that says how to work offline."""
+    import tensorflow_datasets as tfds
+
+    assert tfds.builder("cifar10", data_dir=str(tmp_path)).url_infos  # needs importlib_resources
+
+    def offline(self, *args, **kwargs):
+        raise OSError("Failed to resolve 'www.cs.toronto.edu'")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+    cfg = DataConfig(dataset="cifar10", source="tfds", data_dir=str(tmp_path))
+    with pytest.raises(ConnectionError) as err:
+        cifar10.build(cfg, split="eval", batch_size=4)
+    msg = str(err.value)
+    assert "\n" not in msg and "www.cs.toronto.edu" in msg and "run/make_tfrecords.py" in msg

@@ -42,7 +42,15 @@ def _tfds_stream(data: DataConfig, split: str, input_context):
     import tensorflow_datasets as tfds
 
     builder = tfds.builder("cifar10", data_dir=data.data_dir)
-    builder.download_and_prepare()
+    try:
+        builder.download_and_prepare()
+    except OSError as e:   # no network (requests' ConnectionError is an OSError), disk full...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConnectionError(
+            f"CIFAR-10 could not be downloaded/prepared by tensorflow-datasets into "
+            f"{builder.data_dir} ({reason[:200]}); without internet, convert the official "
+            "archive with run/make_tfrecords.py --dataset=cifar10 and train with "
+            "--data_source=tfrecord --data_dir=<its output>.") from e
     tfds_split = _SPLITS[split]
     if input_context is not None and input_context.num_input_pipelines > 1:
         tfds_split = tfds.even_splits(tfds_split, n=input_context.num_input_pipelines)[
