@@ -23,9 +23,9 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
-from sat_tf import experiments, names, recipes  # noqa: E402
+from sat_tf import cli, experiments, names, recipes  # noqa: E402
 from sat_tf.config import (DATASETS, LR_SCHEDULES, MIXED_PRECISION, OPTIMIZERS,  # noqa: E402
                            RESUME_INPUT, STRATEGIES, Experiment, ModelConfig, DataConfig)
 
@@ -51,7 +51,26 @@ _FLAGS = [
     # data
     ("dataset", "string", ("data.dataset",), f"Dataset: {', '.join(DATASETS)}."),
     ("data_dir", "string", ("data.data_dir",), "TFRecord folder (local or gs://) or TFDS data_dir."),
-    ("data_source", "string", ("data.source",), "Where the data comes from: tfrecord or tfds."),
+    ("data_source", "string", ("data.source",),
+     "Where the data comes from: tfrecord or tfds (default: tfds for cifar10, tfrecord for "
+     "imagenet)."),
+    ("manual_dir", "string", ("data.manual_dir",),
+     "TFDS imagenet2012: the folder holding the ILSVRC2012 tar files."),
+    ("augment", "string", ("data.augment",),
+     "ImageNet training augmentation on top of crop+flip: none, randaugment, autoaugment."),
+    ("randaugment_layers", "integer", ("data.randaugment_layers",), "RandAugment N (default 2)."),
+    ("randaugment_magnitude", "float", ("data.randaugment_magnitude",),
+     "RandAugment M, 0-30 (default 10)."),
+    ("cifar_padding", "string", ("data.cifar_padding",),
+     "CIFAR-10 training crop padding: reflect or zero."),
+    ("shuffle_buffer", "integer", ("data.shuffle_buffer",), "Shuffle buffer (records per host)."),
+    ("num_parallel_reads", "integer", ("data.num_parallel_reads",),
+     "TFRecord files read at once per host."),
+    ("skip_corrupt", "bool", ("data.skip_corrupt",),
+     "Skip (and count, on stderr) corrupt records / undecodable images instead of failing with "
+     "an error that names the file."),
+    ("cache_eval", "bool", ("data.cache_eval",),
+     "Keep the decoded evaluation images in memory after the first evaluation."),
     ("num_train_images", "integer", ("train.num_train_examples",),
      "Training-set size used for epochs and the schedule (default: the dataset's)."),
     # model_dir
@@ -144,12 +163,8 @@ for _name, _kind, _paths, _help in _FLAGS:
 for _alias, _target in _ALIASES.items():
     flags.DEFINE_alias(_alias, _target)
 
-EXIT_USAGE = 2
-
-
 def _fail(message: str) -> None:
-    print(f"train.py: error: {message}", file=sys.stderr)
-    sys.exit(EXIT_USAGE)
+    cli.fail("train.py", message)
 
 
 def _given(name: str):
@@ -221,13 +236,6 @@ def check_model_dir(model_dir: str) -> None:
         raise ValueError(f"model_dir {model_dir!r} is not writable.")
 
 
-def _parse_flags(argv):
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        _fail(str(e).splitlines()[0])
-
-
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; every option is a --flag.")
@@ -262,4 +270,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    cli.run(main, "train.py")

@@ -99,3 +99,17 @@ def test_mirrored_cli_run_is_preempted_by_sigterm_and_the_same_command_resumes(t
     assert "step 4/6" in second.stdout and "step 6/6" in second.stdout
     assert "completed at step 6/6; eval clean top-1" in second.stdout
     assert (tmp_path / "run" / "ckpt-6.index").exists()
+
+
+def test_missing_data_is_one_line_and_status_1(tmp_path):
+    """Input that is only found wanting at run time (no shards in --data_dir) still ends in one
+    line naming it, with status 1, not a traceback."""
+    empty = tmp_path / "imagenet"
+    empty.mkdir()
+    proc, _ = _run(["--dataset=imagenet", f"--data_dir={empty}", "--model=resnet-18",
+                    "--image_size=32", "--train_steps=2", f"--model_dir={tmp_path / 'run'}"],
+                   timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("train.py: error: No TFRecord files match") and str(empty) in last
