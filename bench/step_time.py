@@ -5,8 +5,8 @@ without XLA, in one process on the same model and batch.
     python bench/step_time.py --model=resnet-50 --image_size=224 --batch_size=64
 
 Every configuration is a real :class:`sat_tf.training.Trainer` step (attack, training-mode
-forward, loss, gradients, optimizer update) run ``--steps`` times per host round trip on a
-fixed batch. All configurations are compiled first and then timed round-robin, keeping
+forward, loss, gradients, optimizer update; without the once-per-loop clean-accuracy
+measurement) run ``--steps`` times per host round trip on a fixed batch. All configurations are compiled first and then timed round-robin, keeping
 each one's fastest round (robust to load from other processes); the table gives the time
 per step and its ratio to the clean ReLU step with the same XLA setting. Targets (DESIGN.md): a PGD-1 step at most 1.7x the clean step
 (the attack adds one forward and one input-gradient backward, no weight gradients) and a
@@ -14,6 +14,7 @@ SiLU step at most 1.05x the ReLU step.
 """
 from __future__ import annotations
 
+import gc
 import os
 import pathlib
 import platform
@@ -53,7 +54,7 @@ def _configs():
 def main(argv):
     del argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.set_verbosity(logging.WARNING)
+    logging.set_verbosity(logging.ERROR)  # one Trainer per configuration: retracing is expected
     import tensorflow as tf
 
     from sat_tf import training
@@ -86,7 +87,7 @@ def main(argv):
         trainer = training.Trainer(exp, strategy=strategy, log=lambda _: None)
         iterator = iter(strategy.experimental_distribute_dataset(batch))
         t0 = time.time()
-        trainer.run_steps(iterator, n)
+        trainer.run_steps(iterator, n, measure=False)
         trainer.step.numpy()
         print(f"  compiled {act} {'clean' if k == 0 else f'PGD-{k}'} "
               f"jit={'on' if jit else 'off'} in {time.time() - t0:.1f} s", file=sys.stderr,
@@ -95,7 +96,7 @@ def main(argv):
     for r in range(FLAGS.repeats):
         for _, trainer, iterator, times in runs:
             t0 = time.time()
-            trainer.run_steps(iterator, n)
+            trainer.run_steps(iterator, n, measure=False)
             trainer.step.numpy()
             times.append((time.time() - t0) / FLAGS.steps)
         print(f"  round {r + 1}/{FLAGS.repeats} done", file=sys.stderr, flush=True)
@@ -126,6 +127,11 @@ def main(argv):
             line += (f"; {act}/{FLAGS.activations[0]}: clean {other[0] / relu[0]:.2f}, "
                      f"PGD-{k1} {other[k1] / relu[k1]:.2f}")
         print(line + " (target <= 1.05 for silu)")
+    sys.stdout.flush()
+    # Release the trainers and their iterators while TensorFlow is fully alive: left to
+    # interpreter shutdown, many XLA-compiled trainers can deadlock TensorFlow's teardown.
+    del runs, rows
+    gc.collect()
 
 
 if __name__ == "__main__":

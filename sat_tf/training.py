@@ -184,7 +184,8 @@ class Trainer:
       experiment: the validated run; ``experiment.model_dir`` receives checkpoints,
         summaries and ``experiment.json``.
       strategy: the ``tf.distribute.Strategy`` (default: ``distribute.strategy_from_config``
-        of ``experiment.runtime``).
+        of ``experiment.runtime``; when given, ``distribute.configure`` still applies the
+        runtime's precision policy and op determinism).
       model_fn: optional ``model_fn(num_classes=, image_size=) -> keras.Model`` replacing
         the model ``experiment.model`` names (tests, custom models).
       log: receives the console lines (progress, checkpoints, evaluation).
@@ -201,8 +202,11 @@ class Trainer:
         self.experiment = exp = experiment
         self.train_cfg = exp.train
         self.log = log
-        self.strategy = strategy or distribute.strategy_from_config(exp.runtime,
-                                                                     seed=exp.train.seed)
+        if strategy is None:
+            strategy = distribute.strategy_from_config(exp.runtime, seed=exp.train.seed)
+        else:  # the runtime's process-wide settings (precision policy, determinism) still apply
+            distribute.configure(exp.runtime, seed=exp.train.seed)
+        self.strategy = strategy
         self.num_replicas = self.strategy.num_replicas_in_sync
         self.global_batch_size = exp.train.global_batch_size
         self.per_replica_batch_size = distribute.per_replica_batch_size(
@@ -364,13 +368,15 @@ class Trainer:
         tf.cond(measure, keep_pair, lambda: tf.constant(False))
 
     @tf.function
-    def run_steps(self, iterator, num_steps):
+    def run_steps(self, iterator, num_steps, measure: bool = True):
         """``num_steps`` training steps from a distributed iterator of (images, labels), in one
-        host round trip (a graph loop over ``strategy.run``). The last step also measures the
-        clean accuracy and keeps a few adversarial examples for the summaries."""
+        host round trip (a graph loop over ``strategy.run``). With ``measure`` the last step
+        also measures the clean accuracy (one more forward pass) and keeps a few adversarial
+        examples for the summaries."""
         for i in tf.range(num_steps):
             images, labels = next(iterator)
-            self.strategy.run(self._replica_step, args=(images, labels, i == num_steps - 1))
+            last = tf.logical_and(measure, i == num_steps - 1)
+            self.strategy.run(self._replica_step, args=(images, labels, last))
 
     # -- input -------------------------------------------------------------------------------
 

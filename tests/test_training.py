@@ -317,17 +317,22 @@ def test_sigterm_saves_a_checkpoint_and_returns(tmp_path):
 
 # ---- XLA and mixed precision ------------------------------------------------------------------
 
-@pytest.mark.parametrize("runtime", [dict(jit_compile=True), dict(mixed_precision="mixed_bfloat16")])
-def test_jit_compile_and_mixed_bfloat16_steps(tmp_path, runtime):
+@pytest.mark.parametrize("runtime, compute_dtype", [
+    (dict(jit_compile=True), "float32"),
+    (dict(mixed_precision="mixed_bfloat16"), "bfloat16"),
+    (dict(mixed_precision="mixed_float16", strategy="mirrored"), "float16"),
+])
+def test_xla_and_mixed_precision_steps(tmp_path, runtime, compute_dtype):
     exp = experiment(tmp_path, strategy="one_device", train_steps=2)
     for k, v in runtime.items():
         setattr(exp.runtime, k, v)
     try:
         trainer = training.Trainer(exp, model_fn=tiny_resnet, log=_silent)
         result = trainer.train()
-        if "mixed_precision" in runtime:
-            assert trainer.model.get_layer("stem").compute_dtype == "bfloat16"
-            assert trainer.model.get_layer("stem").kernel.dtype == "float32"
+        assert trainer.model.get_layer("stem").compute_dtype == compute_dtype
+        assert trainer.model.get_layer("stem").kernel.dtype == "float32"
+        assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer) == (
+            compute_dtype == "float16")
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert result["step"] == 2 and np.isfinite(result["train"]["loss"])
