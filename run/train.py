@@ -7,10 +7,12 @@
         --model_dir=/tmp/sat-smoke
 
 --experiment picks a named preset (python run/experiments.py list); every flag given
-explicitly overrides the preset's field. Without --experiment the recipe follows the model:
-ResNet-like models get the ResNet recipe, EfficientNets the EfficientNet recipe, and
---dataset=cifar10 the CIFAR recipe. Re-running the same command resumes from the latest
-checkpoint in --model_dir; SIGTERM saves a checkpoint and exits with status 0.
+explicitly overrides the preset's field. Without --experiment, --dataset=cifar10 starts
+from the CIFAR-10 protocol of the cifar10-* presets (epsilon 8, PGD-10 training, CIFAR
+recipe); other datasets from the paper's ImageNet protocol (epsilon 4, PGD-1 training from a
+random start) with the ResNet or EfficientNet recipe, following the model. Re-running the
+same command resumes from the latest checkpoint in --model_dir; SIGTERM saves a checkpoint
+and exits with status 0.
 
 Bad flag values fail in well under a second, with a one-line message and exit status 2,
 before TensorFlow is imported.
@@ -171,19 +173,24 @@ def _given(name: str):
     return getattr(FLAGS, name)
 
 
+CIFAR10_PROTOCOL = "cifar10-resnet18-relu"  # the preset whose data, attacks and recipe
+                                            # --dataset=cifar10 starts from
+
+
 def base_experiment() -> Experiment:
-    """The preset --experiment names, else defaults with the recipe of the model/dataset."""
+    """The preset --experiment names; else, for --dataset=cifar10, the CIFAR-10 protocol of
+    the cifar10-* presets; else the paper's ImageNet protocol with the recipe of the model."""
     if _given("experiment") is not None:
         return experiments.get(_given("experiment"))
     model = _given("model") or ModelConfig().name
     dataset = _given("dataset") or DataConfig().dataset
     family, _ = names.model(model)
     if dataset == "cifar10":
-        train = recipes.cifar()
-    elif family == "efficientnet":
-        train = recipes.efficientnet()
-    else:
-        train = recipes.resnet()
+        exp = experiments.get(CIFAR10_PROTOCOL)
+        exp.name, exp.paper = "custom", {}
+        exp.description = f"The CIFAR-10 protocol of preset {CIFAR10_PROTOCOL}."
+        return exp
+    train = recipes.efficientnet() if family == "efficientnet" else recipes.resnet()
     return Experiment(name="custom", train=train)
 
 

@@ -249,6 +249,13 @@ class Trainer:
         objects = dict(model=self.model, optimizer=self.optimizer, step=self.step)
         if self.ema is not None:
             objects["ema"] = self.ema
+        # The states of the model's random generators (dropout, stochastic depth) are
+        # variables but not weights, and tf.train.Checkpoint(model=) leaves them out; saving
+        # them makes a resumed run draw the same masks.
+        weights = {id(w) for w in self.model.weights}
+        rng_states = [v for v in self.model.variables if id(v) not in weights]
+        if rng_states:
+            objects["rng_states"] = rng_states
         self.checkpoint = tf.train.Checkpoint(**objects)
         # Multi-worker: every worker saves (the save is collective), the chief into model_dir,
         # the others into a scratch folder of their own; all restore from model_dir.

@@ -18,8 +18,8 @@ SIZE = 16
 CLASSES = 4
 
 
-def tiny_resnet(num_classes, image_size, activation="silu"):
-    """conv-BN-act, one residual block, pooling, dense: a tiny ResNet."""
+def tiny_resnet(num_classes, image_size, activation="silu", dropout=0.0):
+    """conv-BN-act, one residual block, pooling, (dropout), dense: a tiny ResNet."""
     inp = keras.Input((image_size, image_size, 3), name="images")
     x = keras.layers.Rescaling(2.0 / 255.0, -1.0, name="scale")(inp)
     x = keras.layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False, name="stem")(x)
@@ -30,7 +30,13 @@ def tiny_resnet(num_classes, image_size, activation="silu"):
     x = keras.layers.Add(name="block_add")([x, y])
     x = activations.Activation(activation, name="block_act")(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    if dropout:
+        x = keras.layers.Dropout(dropout, name="dropout")(x)
     return keras.Model(inp, keras.layers.Dense(num_classes, name="fc")(x), name="tiny_resnet")
+
+
+def tiny_resnet_dropout(num_classes, image_size):
+    return tiny_resnet(num_classes, image_size, dropout=0.5)
 
 
 def no_bn_net(num_classes, image_size, activation="relu"):
@@ -147,14 +153,15 @@ def test_interrupt_and_resume_is_bitwise_identical(tmp_path):
         exp.runtime.deterministic = True
         exp.train_attack = AttackConfig(epsilon=8.0, step_size=8.0, num_steps=1,
                                         clean_start_prob=0.5)
+    model_fn = tiny_resnet_dropout   # dropout: the RNG state must resume too
     try:
-        straight = training.Trainer(a, model_fn=tiny_resnet, log=_silent)
+        straight = training.Trainer(a, model_fn=model_fn, log=_silent)
         straight.train()
-        first = training.Trainer(b, model_fn=tiny_resnet, log=_silent)
+        first = training.Trainer(b, model_fn=model_fn, log=_silent)
         assert first.train(until_step=3)["status"] == "stopped"
         del first
         lines = []
-        resumed = training.Trainer(b, model_fn=tiny_resnet, log=lines.append)
+        resumed = training.Trainer(b, model_fn=model_fn, log=lines.append)
         assert any("Restored" in s and "(step 3)" in s for s in lines)
         assert resumed.train()["status"] == "completed"
     finally:
