@@ -6,11 +6,12 @@ without XLA, in one process on the same model and batch.
 
 Every configuration is a real :class:`sat_tf.training.Trainer` step (attack, training-mode
 forward, loss, gradients, optimizer update; without the once-per-loop clean-accuracy
-measurement) run ``--steps`` times per host round trip on a fixed batch. All configurations are compiled first and then timed round-robin, keeping
-each one's fastest round (robust to load from other processes); the table gives the time
-per step and its ratio to the clean ReLU step with the same XLA setting. Targets (DESIGN.md): a PGD-1 step at most 1.7x the clean step
-(the attack adds one forward and one input-gradient backward, no weight gradients) and a
-SiLU step at most 1.05x the ReLU step.
+measurement) run ``--steps`` times per host round trip on a fixed batch. All
+configurations are compiled first and then timed round-robin, keeping each one's fastest
+round (robust to load from other processes); the table gives the time per step and its
+ratio to the clean ReLU step with the same XLA setting. Targets (DESIGN.md): a PGD-1 step
+at most 1.7x the clean step (the attack adds one forward and one input-gradient backward,
+no weight gradients) and a SiLU step at most 1.05x the ReLU step.
 """
 from __future__ import annotations
 

@@ -52,7 +52,8 @@ _FLAGS = [
      "EfficientNet stochastic-depth rate (default 0.2)."),
     # data
     ("dataset", "string", ("data.dataset",), f"Dataset: {', '.join(DATASETS)}."),
-    ("data_dir", "string", ("data.data_dir",), "TFRecord folder (local or gs://) or TFDS data_dir."),
+    ("data_dir", "string", ("data.data_dir",),
+     "TFRecord folder (local or gs://) or TFDS data_dir."),
     ("data_source", "string", ("data.source",),
      "Where the data comes from: tfrecord or tfds (default: tfds for cifar10, tfrecord for "
      "imagenet)."),

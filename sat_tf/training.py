@@ -458,8 +458,8 @@ class Trainer:
 
         Returns a dict: ``status`` ("completed", "stopped" at until_step, or "preempted" by
         SIGTERM / :meth:`request_stop`), ``step``, the last ``train`` metrics, every reported
-        one in ``history``, and the last ``eval`` result. Raises :class:`TrainingDiverged` on a NaN/Inf loss, before anything
-        is saved.
+        one in ``history``, and the last ``eval`` result. Raises :class:`TrainingDiverged` on
+        a NaN/Inf loss, before anything is saved.
         """
         tf.io.gfile.makedirs(self.model_dir)
         if self.is_chief:
