@@ -34,7 +34,6 @@ import time
 from typing import Callable
 
 import keras
-import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
