@@ -1,4 +1,4 @@
-"""RandAugment and AutoAugment on core TensorFlow ops (no tensorflow-addons).
+"""RandAugment and AutoAugment on core TensorFlow ops only (DESIGN.md §6).
 
 The operations, their magnitude scales and the AutoAugment policy are those of the TPU
 EfficientNet reference (``autoaugment.py``): magnitudes run 0..10 (``MAX_LEVEL``); geometric
