@@ -70,6 +70,19 @@ def batch_norm_statistics(model: keras.Model) -> list:
             for w in layer.non_trainable_weights]
 
 
+def _on_own_device(variable) -> tf.Tensor:
+    """This replica's value of ``variable``, placed on the variable's device.
+
+    A cross-replica all-reduce sends each value to the device it is on. Under
+    MultiWorkerMirroredStrategy with one device per worker the replica function runs without
+    a device scope, so a plain read has no device and the all-reduce fails ("destinations can
+    not be empty").
+    """
+    value = variable.value if isinstance(variable, keras.Variable) else variable
+    with tf.device(value.device):
+        return tf.identity(value)
+
+
 def l2_loss(weights) -> tf.Tensor:
     """0.5 * sum of squares (``tf.nn.l2_loss``), summed over ``weights``, in float32."""
     return tf.add_n([tf.nn.l2_loss(tf.cast(w, tf.float32)) for w in weights]) if weights else (
@@ -353,7 +366,7 @@ class Trainer:
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
         if self.num_replicas > 1 and self._bn_statistics:
             means = ctx.all_reduce(tf.distribute.ReduceOp.MEAN,
-                                   [tf.convert_to_tensor(v) for v in self._bn_statistics])
+                                   [_on_own_device(v) for v in self._bn_statistics])
             for v, m in zip(self._bn_statistics, means):
                 v.assign(m)
         if self.ema is not None:
