@@ -1,7 +1,7 @@
 """Clean and attacked accuracy over a whole split (DESIGN.md §2).
 
-``evaluate`` is the one evaluation loop of the project: the trainer's periodic evaluation and
-``run/eval.py`` both call it. It consumes an eval dataset of ``(images, labels, mask)`` batches
+:class:`Evaluator` is the one evaluation loop of the project: the trainer's periodic
+evaluation and ``run/eval.py`` both use it (``evaluate`` is a one-call shortcut). It consumes an eval dataset of ``(images, labels, mask)`` batches
 (sat_tf.data's eval contract: every example once, padding masked out), optionally distributed
 with a strategy, and counts per example:
 
@@ -80,116 +80,176 @@ def _batch_counts(model, images, labels, mask, attack_list, restarts, seed, num_
             stack(per_attack_adv), masked(robust), masked(zero), masked(nonfinite))
 
 
-def pad_to_whole_steps(ds: tf.data.Dataset, replicas_per_pipeline: int) -> tf.data.Dataset:
-    """Appends all-padding batches (mask 0) so the number of batches is a multiple of
-    ``replicas_per_pipeline``.
+def pad_forever(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """``ds`` followed by all-padding batches (zeros, mask 0) without end.
 
-    ``distribute_datasets_from_function`` hands consecutive per-replica batches to the
-    replicas of a pipeline and drops a final step that not every replica can fill, so without
-    this an eval split whose batch count is not a multiple of the replica count loses its tail.
+    Under ``distribute_datasets_from_function`` every input pipeline (one per host) must
+    keep feeding its replicas for as long as any host still has real examples: hosts hold
+    different numbers of batches (41 examples, 4 hosts, per-replica batch 5 gives 3, 2, 2, 2
+    batches), and a replica whose pipeline ran dry would end the step on every host. With the
+    padding, every host runs the same steps, and :class:`Evaluator` stops at the first step
+    in which no replica of any host has a real example. Needs static batch shapes (the eval
+    contract of ``sat_tf.data``).
     """
-    if replicas_per_pipeline <= 1:
-        return ds
-    padding = ds.take(1).map(lambda *t: tuple(tf.zeros_like(x) for x in t)).repeat(
-        replicas_per_pipeline - 1)
-    return ds.concatenate(padding).batch(replicas_per_pipeline, drop_remainder=True).unbatch()
+    def zeros(spec):
+        if not spec.shape.is_fully_defined():
+            raise ValueError(f"pad_forever needs static batch shapes, got {spec}.")
+        return tf.zeros(spec.shape, spec.dtype)
+
+    padding = tf.data.Dataset.from_tensors(tf.nest.map_structure(zeros, ds.element_spec))
+    return ds.concatenate(padding.repeat())
 
 
 def distribute_eval_dataset(strategy, build: Callable[..., tf.data.Dataset],
                             global_batch_size: int):
-    """The eval split distributed over ``strategy`` with exact coverage.
+    """The eval split distributed over ``strategy`` with exact coverage on any number of hosts.
 
     ``build(batch_size=, input_context=)`` returns one pipeline's ``(images, labels, mask)``
-    batches (``sat_tf.data.build_dataset`` with the split fixed); each pipeline is padded with
-    :func:`pad_to_whole_steps`. Exact on one host; with several hosts, hosts must see the same
-    number of batches.
+    batches (``sat_tf.data.build_dataset`` with the split fixed); each pipeline is extended
+    with :func:`pad_forever`, so the distributed dataset never ends: :class:`Evaluator` stops
+    when a step holds no real example on any replica.
     """
     def dataset_fn(ctx: tf.distribute.InputContext):
         ds = build(batch_size=ctx.get_per_replica_batch_size(global_batch_size),
                    input_context=ctx)
-        return pad_to_whole_steps(ds, ctx.num_replicas_in_sync // ctx.num_input_pipelines)
+        return pad_forever(ds)
 
     return strategy.distribute_datasets_from_function(dataset_fn)
+
+
+class Evaluator:
+    """Clean and robust accuracy of one model under fixed attacks, over any eval dataset.
+
+    The per-batch function is traced (and, on a TPU, compiled) once, when the first batch is
+    evaluated, and reused by every later call: the trainer's periodic evaluation builds one
+    Evaluator per run.
+
+    Args:
+      model: a Keras model (called with training=False) or a callable images -> logits.
+      attacks: PGD settings to run; each is repeated ``restarts`` times with new random starts.
+      strategy: a ``tf.distribute.Strategy``; None evaluates on the default device.
+      restarts: random restarts per attack.
+      seed: base seed; batch b on replica r attacks with seed fold_in((seed, b), r).
+      diagnostic_attacks: attacks counted like the others but kept out of ``robust`` (sanity
+        checks, e.g. a very large epsilon); reported under "diagnostic_attacks".
+    """
+
+    def __init__(self, model, attacks: Sequence[AttackConfig] = (), *, strategy=None,
+                 restarts: int = 1, seed: int = 0,
+                 diagnostic_attacks: Sequence[AttackConfig] = ()):
+        if restarts < 1:
+            raise ValueError(f"Invalid restarts {restarts!r}; it must be >= 1.")
+        self.model = model
+        self.attack_list = list(attacks) + list(diagnostic_attacks)
+        self.num_robust = len(attacks)
+        self.restarts = restarts
+        self.seed = seed
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self._run_batch = tf.function(self._batch)
+
+    def _batch(self, inputs, batch_index):
+        """Global sums of one step's counts (every replica, every host)."""
+        def replica_fn(images, labels, mask):
+            ctx = tf.distribute.get_replica_context()
+            s = tf.random.experimental.stateless_fold_in(
+                tf.stack([tf.constant(self.seed, tf.int64), tf.cast(batch_index, tf.int64)]),
+                ctx.replica_id_in_sync_group, alg=attacks_lib.RNG_ALG)
+
+            def counts():
+                return _batch_counts(self.model, images, labels, mask, self.attack_list,
+                                     self.restarts, s, self.num_robust)
+
+            # A batch of padding only (a host past its last example) costs no attack.
+            return tf.cond(tf.reduce_any(mask > 0), counts,
+                           lambda: _zero_counts(len(self.attack_list)))
+
+        out = self.strategy.run(replica_fn, args=inputs)
+        return tf.nest.map_structure(
+            lambda t: self.strategy.reduce(tf.distribute.ReduceOp.SUM, t, axis=None), out)
+
+    @property
+    def tracing_count(self) -> int:
+        """How often the per-batch function has been traced (1 after any number of calls)."""
+        return self._run_batch.experimental_get_tracing_count()
+
+    def __call__(self, dataset, *, max_batches: int | None = None,
+                 progress: Callable[[int, int], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> dict | None:
+        """Counts over ``dataset``: a ``tf.data.Dataset`` of global ``(images, labels, mask)``
+        batches, or one distributed with the strategy (:func:`distribute_eval_dataset`).
+
+        Stops at the end of the dataset, at the first step without a real example, or after
+        ``max_batches`` steps. ``progress(batches_done, examples_done)`` is called after each
+        step; ``should_stop()`` is asked before each step and, when True, the evaluation is
+        abandoned and None returned (preemption).
+
+        Returns:
+          a dict of counts and accuracies (fractions in [0, 1]); see the module doc.
+        """
+        strategy = self.strategy
+        if isinstance(dataset, tf.data.Dataset):
+            dataset = strategy.experimental_distribute_dataset(pad_forever(dataset))
+        start = time.time()
+        totals = None
+        batches = 0
+        for inputs in dataset:
+            if max_batches is not None and batches >= max_batches:
+                break
+            if should_stop is not None and should_stop():
+                return None
+            counts = [np.asarray(c, np.float64)
+                      for c in self._run_batch(inputs, tf.constant(batches))]
+            if counts[0] == 0:      # no replica of any host had a real example: all done
+                break
+            totals = counts if totals is None else [t + c for t, c in zip(totals, counts)]
+            batches += 1
+            if progress is not None:
+                progress(batches, int(round(float(totals[0]))))
+        if totals is None:
+            raise ValueError("The evaluation dataset is empty.")
+        return self._result(totals, batches, time.time() - start)
+
+    def _result(self, totals, batches: int, seconds: float) -> dict:
+        n, top1, top5, per_attack, per_attack_adv, robust, zero, nonfinite = totals
+        n, top1, top5, robust, zero, nonfinite = map(
+            float, (n, top1, top5, robust, zero, nonfinite))
+        frac = lambda c: float(c) / n if n else 0.0
+        attack_results = [
+            {"config": dataclasses.asdict(cfg), "restarts": self.restarts,
+             "correct": int(round(c)), "accuracy": frac(c),
+             "adversarial_correct": int(round(ac)), "adversarial_accuracy": frac(ac)}
+            for cfg, c, ac in zip(self.attack_list, np.atleast_1d(per_attack),
+                                  np.atleast_1d(per_attack_adv))
+        ]
+        return {
+            "examples": int(round(n)),
+            "batches": batches,
+            "clean_top1": frac(top1),
+            "clean_top5": frac(top5),
+            "clean_correct": int(round(top1)),
+            "attacks": attack_results[:self.num_robust],
+            "diagnostic_attacks": attack_results[self.num_robust:],
+            "robust_correct": int(round(robust)),
+            "robust": frac(robust),
+            "zero_gradient_fraction": frac(zero),
+            "nonfinite_gradient_fraction": frac(nonfinite),
+            "seconds": seconds,
+        }
+
+
+def _zero_counts(num_attacks: int):
+    """The structure :func:`_batch_counts` returns, all zeros."""
+    z = tf.constant(0.0)
+    per_attack = tf.zeros([num_attacks], tf.float32)
+    return (z, z, z, per_attack, per_attack, z, z, z)
 
 
 def evaluate(model, dataset, attacks: Sequence[AttackConfig] = (), *, strategy=None,
              restarts: int = 1, seed: int = 0, max_batches: int | None = None,
              progress: Callable[[int, int], None] | None = None,
              diagnostic_attacks: Sequence[AttackConfig] = ()) -> dict:
-    """Clean and robust accuracy of ``model`` over ``dataset``.
-
-    Args:
-      model: a Keras model (called with training=False) or a callable images -> logits.
-      dataset: a ``tf.data.Dataset`` of global ``(images, labels, mask)`` batches, or one
-        already distributed with ``strategy``.
-      attacks: PGD settings to run; each is repeated ``restarts`` times with new random starts.
-      strategy: a ``tf.distribute.Strategy``; None evaluates on the default device.
-      seed: base seed; batch b on replica r attacks with seed fold_in((seed, b), r).
-      max_batches: stop after this many batches (None: the whole dataset).
-      progress: called as progress(batches_done, examples_done) after each batch.
-      diagnostic_attacks: attacks counted like the others but kept out of ``robust`` (sanity
-        checks, e.g. a very large epsilon); reported under "diagnostic_attacks".
-
-    Returns:
-      a dict of counts and accuracies (fractions in [0, 1]); see the module doc.
-    """
-    if restarts < 1:
-        raise ValueError(f"Invalid restarts {restarts!r}; it must be >= 1.")
-    attack_list = list(attacks) + list(diagnostic_attacks)
-    num_robust = len(attacks)
-    strategy = strategy or tf.distribute.get_strategy()
-    if isinstance(dataset, tf.data.Dataset):
-        dataset = strategy.experimental_distribute_dataset(dataset)
-
-    @tf.function
-    def run_batch(inputs, batch_index):
-        def replica_fn(images, labels, mask):
-            ctx = tf.distribute.get_replica_context()
-            s = tf.random.experimental.stateless_fold_in(
-                tf.stack([tf.constant(seed, tf.int64), tf.cast(batch_index, tf.int64)]),
-                ctx.replica_id_in_sync_group, alg=attacks_lib.RNG_ALG)
-            return _batch_counts(model, images, labels, mask, attack_list, restarts, s,
-                                 num_robust)
-
-        out = strategy.run(replica_fn, args=inputs)
-        return tf.nest.map_structure(
-            lambda t: strategy.reduce(tf.distribute.ReduceOp.SUM, t, axis=None), out)
-
-    start = time.time()
-    totals = None
-    batches = 0
-    for inputs in dataset:
-        if max_batches is not None and batches >= max_batches:
-            break
-        counts = [np.asarray(c, np.float64) for c in run_batch(inputs, tf.constant(batches))]
-        totals = counts if totals is None else [t + c for t, c in zip(totals, counts)]
-        batches += 1
-        if progress is not None:
-            progress(batches, int(round(float(totals[0]))))
-    if totals is None:
-        raise ValueError("The evaluation dataset is empty.")
-
-    n, top1, top5, per_attack, per_attack_adv, robust, zero, nonfinite = totals
-    n, top1, top5, robust, zero, nonfinite = map(float, (n, top1, top5, robust, zero, nonfinite))
-    frac = lambda c: float(c) / n if n else 0.0
-    attack_results = [
-        {"config": dataclasses.asdict(cfg), "restarts": restarts,
-         "correct": int(round(c)), "accuracy": frac(c),
-         "adversarial_correct": int(round(ac)), "adversarial_accuracy": frac(ac)}
-        for cfg, c, ac in zip(attack_list, np.atleast_1d(per_attack),
-                              np.atleast_1d(per_attack_adv))
-    ]
-    return {
-        "examples": int(round(n)),
-        "batches": batches,
-        "clean_top1": frac(top1),
-        "clean_top5": frac(top5),
-        "clean_correct": int(round(top1)),
-        "attacks": attack_results[:num_robust],
-        "diagnostic_attacks": attack_results[num_robust:],
-        "robust_correct": int(round(robust)),
-        "robust": frac(robust),
-        "zero_gradient_fraction": frac(zero),
-        "nonfinite_gradient_fraction": frac(nonfinite),
-        "seconds": time.time() - start,
-    }
+    """Clean and robust accuracy of ``model`` over ``dataset``: one :class:`Evaluator` call
+    (see its arguments)."""
+    evaluator = Evaluator(model, attacks, strategy=strategy, restarts=restarts, seed=seed,
+                          diagnostic_attacks=diagnostic_attacks)
+    return evaluator(dataset, max_batches=max_batches, progress=progress)

@@ -83,6 +83,35 @@ def _on_own_device(variable) -> tf.Tensor:
         return tf.identity(value)
 
 
+_REPLICA_SEED_STRIDE = 0x9E3779B97F4A7C15 >> 1    # an odd constant: replica r shifts by r x it
+
+
+@contextlib.contextmanager
+def replica_random_streams(rng_states, replica_id):
+    """Gives each replica its own dropout / stochastic-depth masks inside the context.
+
+    Keras layers draw their masks from ``SeedGenerator`` states ``[seed, counter]``, variables
+    that a strategy mirrors, so every replica would draw the same masks for its own examples.
+    Inside the context (in replica context, in a traced function) replica r's seeds are
+    shifted by ``r * stride``; on exit the shift is taken back, so the states stay identical
+    across replicas and in checkpoints, and the counters advance as without the context.
+    Replica 0 draws exactly what a single replica draws.
+    """
+    shifted = []
+    for state in rng_states:
+        value = state.value if isinstance(state, keras.Variable) else state
+        shift = tf.stack([tf.cast(replica_id, value.dtype) * _REPLICA_SEED_STRIDE,
+                          tf.zeros([], value.dtype)])
+        state.assign(value + shift)
+        shifted.append((state, shift))
+    try:
+        yield
+    finally:
+        for state, shift in shifted:
+            value = state.value if isinstance(state, keras.Variable) else state
+            state.assign(value - shift)
+
+
 def l2_loss(weights) -> tf.Tensor:
     """0.5 * sum of squares (``tf.nn.l2_loss``), summed over ``weights``, in float32."""
     return tf.add_n([tf.nn.l2_loss(tf.cast(w, tf.float32)) for w in weights]) if weights else (
@@ -95,10 +124,16 @@ def l2_loss(weights) -> tf.Tensor:
 class ExponentialMovingAverage(tf.Module):
     """Averages of a model's trainable weights and batch-norm moving statistics.
 
-    As ``tf.train.ExponentialMovingAverage(decay, num_updates=step)`` in the TPU code: after
-    update number t (0-based) the decay used is ``min(decay, (1 + t) / (10 + t))``. The
-    averages are checkpointed with the run; :meth:`swapped` / :meth:`copy_to_model` put them
-    in the model for evaluation and export.
+    As ``tf.train.ExponentialMovingAverage(decay, num_updates=global_step)`` in the TPU code,
+    applied after the step increment: update number t (0-based) uses ``num_updates = t + 1``
+    and the decay ``min(decay, (1 + num_updates) / (10 + num_updates))``. The averages are
+    checkpointed with the run; :meth:`swapped` / :meth:`copy_to_model` put them in the model
+    for evaluation and export.
+
+    Under a distribution strategy each replica keeps and updates its own copy of the averages
+    (``ON_READ`` variables; a checkpoint or a cross-replica read takes the first replica's), so
+    an update moves no data between replicas: the weights and batch-norm statistics it
+    averages are already the same on every replica.
     """
 
     def __init__(self, model: keras.Model, decay: float):
@@ -108,19 +143,21 @@ class ExponentialMovingAverage(tf.Module):
         self._targets = _Untracked(targets)
         self.averages = [
             tf.Variable(tf.convert_to_tensor(v), trainable=False, name=f"ema_{i}",
+                        synchronization=tf.VariableSynchronization.ON_READ,
                         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             for i, v in enumerate(targets)]
 
     def update(self, step) -> None:
-        """One update (replica or cross-replica context); ``step`` is the update number t."""
-        t = tf.cast(step, tf.float32)
-        decay = tf.minimum(self.decay, (1.0 + t) / (10.0 + t))
+        """Update number ``step`` (0-based: the global step before its increment), in replica
+        or cross-replica context."""
+        num_updates = tf.cast(step, tf.float32) + 1.0
+        decay = tf.minimum(self.decay, (1.0 + num_updates) / (10.0 + num_updates))
         for avg, v in zip(self.averages, self._targets.value):
             avg.assign_sub((1.0 - decay) * (avg - tf.cast(tf.convert_to_tensor(v), avg.dtype)))
 
     def copy_to_model(self) -> None:
         for avg, v in zip(self.averages, self._targets.value):
-            v.assign(avg)
+            v.assign(avg.read_value())
 
     @contextlib.contextmanager
     def swapped(self):
@@ -233,6 +270,9 @@ class Trainer:
         self.model_dir = exp.model_dir
         self._loss_scaling = exp.runtime.mixed_precision == "mixed_float16"
         self._stop_signal = None
+        # Set by SIGTERM / request_stop, read by the graph loop before every step; a plain
+        # variable of this process (not mirrored), created outside the strategy's scope.
+        self._stop_flag = tf.Variable(False, trainable=False, name="stop_requested")
 
         keras.utils.set_random_seed(exp.train.seed)
         with self.strategy.scope():
@@ -244,7 +284,9 @@ class Trainer:
             self.optimizer.build(self.model.trainable_variables)
             self.ema = (ExponentialMovingAverage(self.model, exp.train.ema_decay)
                         if exp.train.ema_decay else None)
+            # Every replica counts its own copy (no cross-replica traffic per step); they agree.
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step",
+                                    synchronization=tf.VariableSynchronization.ON_READ,
                                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             self._metrics = {
                 k: tf.Variable(0.0, trainable=False, name=f"metric_{k}",
@@ -266,6 +308,7 @@ class Trainer:
         # them makes a resumed run draw the same masks.
         weights = {id(w) for w in self.model.weights}
         rng_states = [v for v in self.model.variables if id(v) not in weights]
+        self._rng_states = rng_states
         if rng_states:
             objects["rng_states"] = rng_states
         self.checkpoint = tf.train.Checkpoint(**objects)
@@ -281,6 +324,11 @@ class Trainer:
         self._gradients = tf.function(self._forward_backward,
                                       jit_compile=exp.runtime.jit_compile or None)
         self._summary_writer = None
+        self._evaluator = self._eval_data = None
+        # Several workers (MultiWorkerMirroredStrategy across hosts) must agree on stopping.
+        self._multi_worker = (isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
+                              and self.num_replicas > len(self.strategy.extended.worker_devices))
+        self._agreed_stop_fn = tf.function(self._stop_requested)
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -361,8 +409,9 @@ class Trainer:
         seed = tf.random.experimental.stateless_fold_in(
             tf.stack([tf.constant(self.train_cfg.seed, tf.int64), step]),
             ctx.replica_id_in_sync_group, alg=attacks.RNG_ALG)
-        grads, loss, correct, clean, clean_examples, pair = self._gradients(
-            images, labels, seed, measure)
+        with replica_random_streams(self._rng_states, ctx.replica_id_in_sync_group):
+            grads, loss, correct, clean, clean_examples, pair = self._gradients(
+                images, labels, seed, measure)
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
         if self.num_replicas > 1 and self._bn_statistics:
             means = ctx.all_reduce(tf.distribute.ReduceOp.MEAN,
@@ -393,9 +442,20 @@ class Trainer:
         also measures the clean accuracy (one more forward pass) and keeps a few adversarial
         examples for the summaries."""
         for i in tf.range(num_steps):
+            if self._stop_requested():      # SIGTERM: checked before every step
+                break
             images, labels = next(iterator)
             last = tf.logical_and(measure, i == num_steps - 1)
             self.strategy.run(self._replica_step, args=(images, labels, last))
+
+    def _stop_requested(self):
+        """The stop flag (set by SIGTERM or :meth:`request_stop`); with several workers, True
+        on every worker as soon as any of them has it, so all stop at the same step."""
+        flag = self._stop_flag.read_value()
+        if not self._multi_worker:
+            return flag
+        votes = self.strategy.run(lambda: tf.cast(flag, tf.int32))
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None) > 0
 
     # -- input -------------------------------------------------------------------------------
 
@@ -426,20 +486,57 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
 
     def request_stop(self, reason: str = "stop requested") -> None:
-        """Ends training after the current loop, with a checkpoint (the SIGTERM handler)."""
+        """Ends training before the next step, with a checkpoint (what SIGTERM does); safe
+        to call from any thread while a loop runs."""
         self._stop_signal = reason
+        self._stop_flag.assign(True)
 
     @contextlib.contextmanager
     def _sigterm_saves(self):
+        """SIGTERM stops training before the next step, even inside a graph loop.
+
+        Python runs a signal handler only when the main thread returns to the interpreter,
+        which a ``steps_per_loop`` graph loop does not do for minutes. So the signal is also
+        written to a wake-up pipe (``signal.set_wakeup_fd``), and a watcher thread sets the stop
+        flag that the loop reads before every step.
+        """
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, lambda signum, frame: self.request_stop("SIGTERM"))
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        previous = signal.signal(signal.SIGTERM,
+                                 lambda signum, frame: self.request_stop("SIGTERM"))
+        previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+        def watch():
+            while True:
+                received = os.read(read_fd, 64)
+                if not received:        # the write end was closed: training is over
+                    return
+                if signal.SIGTERM in received:
+                    self._stop_signal = self._stop_signal or "SIGTERM"
+                    self._stop_flag.assign(True)
+                if previous_fd != -1:   # whoever listened before (an event loop) still hears
+                    try:
+                        os.write(previous_fd, received)
+                    except OSError:
+                        pass
+
+        watcher = threading.Thread(target=watch, name="sat_tf-sigterm", daemon=True)
+        watcher.start()
         try:
             yield
         finally:
+            signal.set_wakeup_fd(previous_fd)
             signal.signal(signal.SIGTERM, previous)
+            os.close(write_fd)
+            watcher.join(timeout=10)
+            os.close(read_fd)
+
+    def _agreed_stop(self) -> bool:
+        """Whether any worker asked to stop (a collective with several workers)."""
+        return bool(self._agreed_stop_fn())
 
     def _read_metrics(self) -> dict:
         values = {k: float(v.read_value()) for k, v in self._metrics.items()}
@@ -478,6 +575,8 @@ class Trainer:
             _write_experiment(self.model_dir, self.experiment)
         end = self.total_steps if until_step is None else min(until_step, self.total_steps)
         step = int(self.step.numpy())
+        self._stop_signal = None
+        self._stop_flag.assign(False)
         t = self.train_cfg
         self.log(f"Training {self.experiment.model.name} ({self.experiment.model.activation}) on "
                  f"{self.experiment.data.dataset}: {self.total_steps} steps of "
@@ -492,32 +591,41 @@ class Trainer:
         last_good = self.checkpoint_manager.latest_checkpoint
         with self._sigterm_saves():
             while step < end:
-                n = self._next_stop(step, end) - step
+                planned = self._next_stop(step, end)
+                n = planned - step
                 t0 = time.time()
                 self.run_steps(iterator, tf.constant(n, tf.int32))
                 nonfinite = float(self._metrics["nonfinite"].read_value())
                 busy += time.time() - t0
-                step = int(self.step.numpy())
+                ran = int(self.step.numpy()) - step
+                step += ran
                 if nonfinite:
                     raise TrainingDiverged(
-                        f"The training loss became NaN or Inf between steps {step - n} and "
+                        f"The training loss became NaN or Inf between steps {step - ran} and "
                         f"{step}; training stopped without saving. The last good checkpoint "
                         f"is {last_good or 'none'}.")
-                if step % t.summary_every_steps == 0 or step == end:
+                # The loop ends early only on a stop request (this worker's or another's).
+                stop = self._stop_signal or (
+                    "a stop requested by another worker" if step < planned else None)
+                if step % t.summary_every_steps == 0 or step == end or (stop and ran):
                     result["train"] = self._report(step, busy, first_step, started)
                     result["history"].append(result["train"])
                     busy, first_step, started = 0.0, step, time.time()
-                stop = self._stop_signal
+                saved = False
                 if step % t.checkpoint_every_steps == 0 or step == end or stop:
-                    last_good = self.save_checkpoint()
+                    last_good, saved = self.save_checkpoint(), True
+                if not stop and ((t.eval_every_steps and step % t.eval_every_steps == 0) or (
+                        step == self.total_steps)):
+                    result["eval"] = self.evaluate(should_stop=self._agreed_stop)
+                    if result["eval"] is None:      # abandoned for a stop request
+                        stop = self._stop_signal or "a stop requested by another worker"
+                        if not saved:
+                            last_good = self.save_checkpoint()
                 if stop:
                     self.log(f"{stop} at step {step}: checkpoint saved; run the same command "
                              "again to resume.")
                     result["status"] = "preempted"
                     break
-                if (t.eval_every_steps and step % t.eval_every_steps == 0) or (
-                        step == self.total_steps):
-                    result["eval"] = self.evaluate()
         result["step"] = step
         if result["status"] == "completed" and step < self.total_steps:
             result["status"] = "stopped"
@@ -559,16 +667,27 @@ class Trainer:
 
     # -- evaluation --------------------------------------------------------------------------
 
-    def evaluate(self) -> dict:
-        """Clean and ``eval_attack`` accuracy on the eval split (EMA weights when kept)."""
+    def evaluate(self, should_stop: Callable[[], bool] | None = None) -> dict | None:
+        """Clean and ``eval_attack`` accuracy on the eval split (EMA weights when kept).
+
+        The evaluation function is built once per trainer and traced on its first use.
+        ``should_stop()`` is asked before every batch; when it says True the evaluation is
+        abandoned and None returned.
+        """
         from sat_tf import evaluation
         exp = self.experiment
         step = int(self.step.numpy())
+        if self._evaluator is None:
+            self._evaluator = evaluation.Evaluator(
+                self.model, [exp.eval_attack], strategy=self.strategy, seed=self.train_cfg.seed)
+            self._eval_data = self._eval_dataset()
         swap = self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
         with swap:
-            result = evaluation.evaluate(self.model, self._eval_dataset(), [exp.eval_attack],
-                                         strategy=self.strategy, seed=self.train_cfg.seed,
-                                         max_batches=self.train_cfg.eval_steps)
+            result = self._evaluator(self._eval_data, max_batches=self.train_cfg.eval_steps,
+                                     should_stop=should_stop)
+        if result is None:
+            self.log(f"eval at step {step}: abandoned (stop requested).")
+            return None
         a = exp.eval_attack
         pgd = result["attacks"][0]["accuracy"]
         self.log(f"eval at step {step}{' (EMA)' if self.ema is not None else ''}: "

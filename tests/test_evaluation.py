@@ -234,15 +234,35 @@ def test_a_single_batch_and_no_attacks(trained):
     assert result["robust_correct"] == result["clean_correct"]
 
 
-def test_pad_to_whole_steps():
-    ds = tf.data.Dataset.range(5).map(
+def test_pad_forever_appends_endless_padding():
+    ds = tf.data.Dataset.range(3).map(
         lambda i: (tf.fill([2, 1], tf.cast(i, tf.float32)), tf.fill([2], i), tf.ones([2])))
-    padded = list(evaluation.pad_to_whole_steps(ds, 2))
-    assert len(padded) == 6
-    assert [int(b[1][0]) for b in padded[:5]] == [0, 1, 2, 3, 4]
-    assert float(tf.reduce_sum(padded[5][2])) == 0.0
-    assert len(list(evaluation.pad_to_whole_steps(ds, 1))) == 5
-    assert len(list(evaluation.pad_to_whole_steps(ds.take(4), 2))) == 4
+    padded = list(evaluation.pad_forever(ds).take(6))
+    assert [int(b[1][0]) for b in padded[:3]] == [0, 1, 2]
+    for images, labels, mask in padded[3:]:
+        assert images.shape == (2, 1) and float(tf.reduce_sum(mask)) == 0.0
+    with pytest.raises(ValueError, match="static batch shapes"):
+        evaluation.pad_forever(ds.unbatch().batch(2))
+
+
+def test_hosts_with_unequal_batch_counts_cover_the_split_exactly():
+    """41 examples, 4 hosts of one replica, per-replica batch 5: the hosts hold 3, 2, 2 and 2
+    batches. Every host runs the same steps (padding after its last batch) and the loop ends
+    at the first step without a real example on any host, as ``Evaluator`` does."""
+    cfg = DataConfig(dataset="synthetic", synthetic_eval_examples=41, synthetic_image_size=4)
+    streams = []
+    for host in range(4):
+        ctx = tf.distribute.InputContext(num_input_pipelines=4, input_pipeline_id=host,
+                                         num_replicas_in_sync=4)
+        ds = data.build_dataset(cfg, split="eval", batch_size=5, input_context=ctx)
+        streams.append(iter(evaluation.pad_forever(ds)))
+    seen, steps = 0.0, 0
+    while True:
+        masks = [float(tf.reduce_sum(next(s)[2])) for s in streams]
+        if sum(masks) == 0:
+            break
+        seen, steps = seen + sum(masks), steps + 1
+    assert seen == 41 and steps == 3
 
 
 def test_two_replicas_cover_the_whole_split(trained):

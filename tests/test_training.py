@@ -258,15 +258,37 @@ def test_ema_closed_form_covers_weights_and_bn_statistics():
     w0 = [np.array(v) for v in targets]
     for v in targets:
         v.assign(np.array(v) + 1.0)
-    ema.update(0)        # decay min(0.99, 1/10): a = 0.1 w0 + 0.9 (w0 + 1)
+    ema.update(0)        # num_updates 1: decay min(0.99, 2/11); a = 2/11 w0 + 9/11 (w0 + 1)
     for avg, w in zip(ema.averages, w0):
-        np.testing.assert_allclose(avg.numpy(), w + 0.9, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(avg.numpy(), w + 9 / 11, rtol=1e-6, atol=1e-6)
     ema.update(10_000)   # decay 0.99: a += 0.01 (w - a)
+    expected = 9 / 11 + 0.01 * (2 / 11)
     for avg, w in zip(ema.averages, w0):
-        np.testing.assert_allclose(avg.numpy(), w + 0.9 + 0.01 * 0.1, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(avg.numpy(), w + expected, rtol=1e-6, atol=1e-6)
     with ema.swapped():
-        np.testing.assert_allclose(np.array(targets[0]), w0[0] + 0.901, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.array(targets[0]), w0[0] + expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.array(targets[0]), w0[0] + 1.0)
+
+
+def test_ema_matches_tensorflows_with_num_updates_after_the_step_increment():
+    """The TPU code: ``tf.train.ExponentialMovingAverage(decay, num_updates=global_step)``
+    applied after the step's increment, so update t (0-based) uses num_updates t + 1."""
+    model = no_bn_net(CLASSES, SIZE)
+    ours = training.ExponentialMovingAverage(model, decay=0.9)
+    step = tf.Variable(0, dtype=tf.int64)
+    reference = tf.compat.v1.train.ExponentialMovingAverage(0.9, num_updates=step)
+    weights = model.trainable_weights
+    reference.apply([w.value for w in weights])
+    rng = np.random.default_rng(0)
+    for t in range(5):
+        for w in weights:
+            w.assign(np.array(w) + rng.normal(size=w.shape).astype("float32"))
+        ours.update(t)           # our step t, before the increment ...
+        step.assign_add(1)       # ... the TPU code increments first and then averages
+        reference.apply([w.value for w in weights])
+        for avg, w in zip(ours.averages, weights):
+            np.testing.assert_allclose(avg.numpy(), reference.average(w.value).numpy(),
+                                       rtol=1e-5, atol=1e-6)
 
 
 def test_load_model_restores_ema_or_trained_weights(tmp_path):
@@ -343,3 +365,122 @@ def test_xla_and_mixed_precision_steps(tmp_path, runtime, compute_dtype):
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert result["step"] == 2 and np.isfinite(result["train"]["loss"])
+
+
+# ---- issue 8: traffic, per-replica randomness, prompt SIGTERM, one evaluation trace ------------
+
+def _count_merge_calls(trainer, monkeypatch):
+    """merge_calls made while tracing one training step (each is a cross-replica sync point;
+    on a TPU, an ONLY_FIRST_REPLICA update inside one broadcasts the value to every replica)."""
+    from tensorflow.python.distribute import distribute_lib
+    calls = []
+    original = distribute_lib.ReplicaContext.merge_call
+
+    def counting(self, merge_fn, args=(), kwargs=None):
+        calls.append(merge_fn)
+        return original(self, merge_fn, args, kwargs)
+
+    monkeypatch.setattr(distribute_lib.ReplicaContext, "merge_call", counting)
+    images, labels = next(iter(trainer._train_dataset(0)))
+    one_step = tf.function(lambda x, y: trainer.strategy.run(trainer._replica_step,
+                                                             args=(x, y, tf.constant(False))))
+    one_step.get_concrete_function(images, labels)
+    monkeypatch.undo()
+    return len(calls)
+
+
+def test_ema_and_step_add_no_cross_replica_traffic(tmp_path, monkeypatch):
+    counts = {}
+    for ema in (None, 0.99):
+        trainer = training.Trainer(experiment(tmp_path / str(ema), ema_decay=ema),
+                                   model_fn=tiny_resnet, log=_silent)
+        counts[ema] = _count_merge_calls(trainer, monkeypatch)
+    assert counts[0.99] == counts[None], counts
+    # Per replica (each replica thread enters every merge_call): Keras' optimizer's gradient
+    # all-reduce, update and iteration count, and our batch-norm statistics all-reduce.
+    assert counts[None] == 4 * trainer.num_replicas, counts
+    # The averages are per-replica copies that agree, and each tracks the weights.
+    trainer.train()
+    for avg in trainer.ema.averages:
+        copies = [np.array(c) for c in avg.values]
+        assert len(copies) == 2
+        np.testing.assert_array_equal(copies[0], copies[1])
+    step_copies = [int(c.numpy()) for c in trainer.step.values]
+    assert step_copies == [6, 6]
+
+
+def test_each_replica_draws_its_own_dropout_masks():
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = tiny_resnet_dropout(CLASSES, SIZE)
+    weights = {id(w) for w in model.weights}
+    states = [v for v in model.variables if id(v) not in weights]
+    assert states, "the dropout layer's seed generator state"
+    before = [np.array(c) for c in states[0].value.values]
+    features = keras.Model(model.input, model.get_layer("dropout").output)
+    ones = tf.ones([4, SIZE, SIZE, 3]) * 128.0
+
+    @tf.function
+    def step():
+        def replica_fn():
+            ctx = tf.distribute.get_replica_context()
+            with training.replica_random_streams(states, ctx.replica_id_in_sync_group):
+                return features(ones, training=True)
+        return strategy.run(replica_fn)
+
+    masks = [np.array(x) == 0 for x in strategy.experimental_local_results(step())]
+    assert masks[0].mean() > 0.2 and masks[1].mean() > 0.2          # rate 0.5 dropout ran
+    assert not np.array_equal(masks[0], masks[1])                   # ... with different masks
+    after = [np.array(c) for c in states[0].value.values]
+    np.testing.assert_array_equal(after[0], after[1])               # the states still agree
+    assert after[0][0] == before[0][0] and after[0][1] > before[0][1]   # seed kept, counter on
+    # Replica 0 draws what one replica without the context draws.
+    with strategy.scope():
+        twin = tiny_resnet_dropout(CLASSES, SIZE)
+    twin.set_weights(model.get_weights())
+    twin_states = [v for v in twin.variables if id(v) not in {id(w) for w in twin.weights}]
+    twin_states[0].assign(before[0])
+    twin_features = keras.Model(twin.input, twin.get_layer("dropout").output)
+    plain = strategy.experimental_local_results(
+        tf.function(lambda: strategy.run(lambda: twin_features(ones, training=True)))())
+    np.testing.assert_array_equal(np.array(plain[0]) == 0, masks[0])
+    np.testing.assert_array_equal(np.array(plain[1]) == 0, masks[0])
+
+
+def test_sigterm_inside_a_long_loop_stops_within_a_step(tmp_path):
+    """A preemption notice gives ~30 s: SIGTERM must not wait for a 1000-step loop to end."""
+    import threading
+    import time
+    exp = experiment(tmp_path, strategy="one_device", train_steps=1000, steps_per_loop=1000,
+                     summary_every_steps=1000, checkpoint_every_steps=1000)
+    trainer = training.Trainer(exp, model_fn=no_bn_net, log=_silent)
+    seen = {}
+
+    def send_when_training():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            step = int(trainer.step.numpy())     # read while the graph loop runs
+            if step >= 3:
+                seen["step"] = step
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.01)
+
+    sender = threading.Thread(target=send_when_training)
+    sender.start()
+    result = trainer.train()
+    sender.join()
+    assert "step" in seen
+    assert result["status"] == "preempted"
+    assert seen["step"] <= result["step"] <= seen["step"] + 3, (seen, result["step"])
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith(f"ckpt-{result['step']}")
+
+
+def test_periodic_evaluation_is_traced_once(tmp_path):
+    exp = experiment(tmp_path, train_steps=4, steps_per_loop=1, summary_every_steps=1,
+                     eval_every_steps=2)
+    trainer = training.Trainer(exp, model_fn=no_bn_net, log=_silent)
+    trainer.train()
+    assert trainer._evaluator.tracing_count == 1
+    assert trainer.evaluate()["examples"] == 32
+    assert trainer._evaluator.tracing_count == 1
