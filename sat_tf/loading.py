@@ -99,12 +99,10 @@ def load(source: Source):
                 "num_classes": model.num_classes, "source": "saved_model", "path": source.path}
         return model, info
 
-    import tensorflow as tf
     from sat_tf import training
-    model, exp, step = training.load_model(source.path, checkpoint=source.checkpoint,
-                                           use_ema=source.use_ema)
+    model, exp, step, checkpoint = training.load_run(
+        source.path, checkpoint=source.checkpoint, use_ema=source.use_ema)
     source.experiment = exp
-    checkpoint = source.checkpoint or tf.train.latest_checkpoint(source.path)
     num_classes, image_size = training.model_shape(exp)
     info = {"name": exp.model.name, "activation": exp.model.activation, "step": step,
             "weights": "ema" if (source.use_ema and exp.train.ema_decay) else "raw",

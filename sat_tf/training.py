@@ -7,10 +7,10 @@ One training step (DESIGN.md §3, §5), per replica:
 2. forward the (adversarial) images with ``training=True`` inside
    ``activations.backward_rule(TrainConfig.optimizer_backward)`` (Table 1's optimizer arm);
 3. loss = label-smoothed cross-entropy summed over the replica's examples / global batch
-   + ``weight_decay * 0.5 * sum(w^2)`` / replicas, over the trainable weights of every layer
-   that is not a ``BatchNormalization`` layer (selected by layer type). As the TPU recipes'
-   ``tf.nn.l2_loss`` over non-batch-norm trainable variables, this includes biases and
-   smooth_relu's learnable beta;
+   + ``weight_decay * 0.5 * sum(w^2)`` / replicas, over the weights
+   ``TrainConfig.weight_decay_scope`` selects by layer type (:func:`decayed_weights`): the
+   conv/dense kernels (the SAT release's ResNet) or every non-batch-norm weight (the TPU
+   EfficientNet code, which includes biases and smooth_relu's learnable beta);
 4. gradients (summed over replicas by the optimizer) -> optimizer; the batch-norm moving
    statistics are averaged over replicas (Keras 3 lets each replica keep its own copy);
    the exponential moving average (EMA) of the weights is updated.
@@ -26,7 +26,6 @@ for SIGTERM (which saves a checkpoint and returns).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import threading
@@ -37,11 +36,11 @@ import keras
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-from sat_tf import activations, attacks, distribute, optimizers, schedules
+from sat_tf import activations, attacks, distribute, optimizers, rundir, schedules
 from sat_tf import data as data_lib
 from sat_tf.config import Experiment
 
-EXPERIMENT_FILE = "experiment.json"
+EXPERIMENT_FILE = rundir.EXPERIMENT_FILE
 CHECKPOINT_PREFIX = "ckpt"
 _METRICS = ("loss", "correct", "examples", "clean_correct", "clean_examples", "nonfinite")
 
@@ -57,8 +56,26 @@ def _layers(model: keras.Model) -> list:
     return model._flatten_layers(include_self=False, recursive=True)
 
 
-def decayed_weights(model: keras.Model) -> list:
-    """The trainable weights of every layer that is not batch normalization (weight decay)."""
+_KERNEL_LAYERS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
+                  keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D, keras.layers.Dense)
+
+
+def decayed_weights(model: keras.Model, scope: str = "non_bn") -> list:
+    """The weights weight decay applies to, selected by layer type.
+
+    ``scope="kernels"``: the kernels of convolution and dense layers (the SAT release's
+    ResNet decays tensorpack's ``.*/W``: no biases, no batch norm, no SmoothReLU beta);
+    ``"non_bn"``: every trainable weight of a layer that is not batch normalization (the TPU
+    EfficientNet code).
+    """
+    if scope == "kernels":
+        kernels = {id(w) for layer in _layers(model) if isinstance(layer, _KERNEL_LAYERS)
+                   for w in (getattr(layer, name, None) for name in
+                             ("kernel", "depthwise_kernel", "pointwise_kernel"))
+                   if w is not None}
+        return [w for w in model.trainable_weights if id(w) in kernels]
+    if scope != "non_bn":
+        raise ValueError(f"Invalid weight_decay_scope {scope!r}; valid choices: kernels, non_bn.")
     bn = {id(w) for layer in _layers(model)
           if isinstance(layer, keras.layers.BatchNormalization) for w in layer.weights}
     return [w for w in model.trainable_weights if id(w) not in bn]
@@ -207,22 +224,6 @@ def build_model(exp: Experiment, model_fn: Callable | None = None) -> keras.Mode
                                           image_size=image_size)
 
 
-def _read_experiment(model_dir: str) -> Experiment | None:
-    path = os.path.join(model_dir, EXPERIMENT_FILE)
-    if not tf.io.gfile.exists(path):
-        return None
-    with tf.io.gfile.GFile(path) as f:
-        return Experiment.from_dict(json.load(f))
-
-
-def _write_experiment(model_dir: str, exp: Experiment) -> None:
-    path = os.path.join(model_dir, EXPERIMENT_FILE)
-    tmp = path + ".tmp"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(json.dumps(exp.to_dict(), indent=2, sort_keys=True) + "\n")
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # The trainer.
 
@@ -268,7 +269,7 @@ class Trainer:
         self.steps_per_epoch = schedules.steps_per_epoch(exp.train, num_examples)
         self.total_steps = schedules.total_steps(exp.train, num_examples)
         self.model_dir = exp.model_dir
-        self._loss_scaling = exp.runtime.mixed_precision == "mixed_float16"
+        self._loss_scaling = exp.runtime.precision_policy() == "mixed_float16"
         self._stop_signal = None
         # Set by SIGTERM / request_stop, read by the graph loop before every step; a plain
         # variable of this process (not mirrored), created outside the strategy's scope.
@@ -280,7 +281,7 @@ class Trainer:
             self.schedule = schedules.Schedule(exp.train, steps_per_epoch=self.steps_per_epoch,
                                                total_steps=self.total_steps)
             self.optimizer = optimizers.build_optimizer(
-                exp.train, self.schedule, mixed_precision=exp.runtime.mixed_precision)
+                exp.train, self.schedule, mixed_precision=exp.runtime.precision_policy())
             self.optimizer.build(self.model.trainable_variables)
             self.ema = (ExponentialMovingAverage(self.model, exp.train.ema_decay)
                         if exp.train.ema_decay else None)
@@ -297,7 +298,7 @@ class Trainer:
                 tf.zeros([k, self.image_size, 2 * self.image_size, 3]), trainable=False,
                 name="example_images", synchronization=tf.VariableSynchronization.ON_READ,
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        self._decayed = decayed_weights(self.model)
+        self._decayed = decayed_weights(self.model, exp.train.weight_decay_scope)
         self._bn_statistics = batch_norm_statistics(self.model)
 
         objects = dict(model=self.model, optimizer=self.optimizer, step=self.step)
@@ -314,12 +315,8 @@ class Trainer:
         self.checkpoint = tf.train.Checkpoint(**objects)
         # Multi-worker: every worker saves (the save is collective), the chief into model_dir,
         # the others into a scratch folder of their own; all restore from model_dir.
-        self.is_chief, worker = _chief(self.strategy)
-        self.checkpoint_manager = tf.train.CheckpointManager(
-            self.checkpoint,
-            self.model_dir if self.is_chief else os.path.join(self.model_dir, f".worker-{worker}"),
-            max_to_keep=exp.train.max_checkpoints_to_keep if self.is_chief else 1,
-            checkpoint_name=CHECKPOINT_PREFIX)
+        self.is_chief, self._worker = _chief(self.strategy)
+        self.checkpoint_manager = self._checkpoint_manager()
         self._restore()
         self._gradients = tf.function(self._forward_backward,
                                       jit_compile=exp.runtime.jit_compile or None)
@@ -333,16 +330,31 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------
 
     def _restore(self) -> None:
-        path = tf.train.latest_checkpoint(self.model_dir)
-        if path is None:
+        """Resumes from the newest readable checkpoint of ``model_dir`` (see
+        :func:`rundir.restore_newest_readable`), if it holds this run."""
+        if not rundir.find_checkpoints(self.model_dir, CHECKPOINT_PREFIX):
             return
-        stored = _read_experiment(self.model_dir)
-        if stored is not None and stored.model != self.experiment.model:
-            raise ValueError(
-                f"model_dir {self.model_dir!r} holds a run of another model ({stored.model}); "
-                "use a new model_dir.")
-        self.checkpoint.restore(path).assert_existing_objects_matched()
-        self.log(f"Restored {path} (step {int(self.step.numpy())}).")
+        rundir.check_resumable(self.model_dir, self.experiment)
+        restored = rundir.restore_newest_readable(
+            self.checkpoint, self.model_dir, prefix=CHECKPOINT_PREFIX, log=self.log,
+            repair=self.is_chief)
+        if restored.path is None:
+            raise rundir.RunDirError(
+                f"None of the checkpoints in model_dir {self.model_dir!r} can be read "
+                f"({'; '.join(restored.skipped)}); move them away to start afresh.")
+        if self.is_chief:   # the manager read the state file before it was repaired
+            self.checkpoint_manager = self._checkpoint_manager()
+        self.log(f"Restored {restored.path} (step {int(self.step.numpy())}).")
+
+    def _checkpoint_manager(self) -> tf.train.CheckpointManager:
+        if self.is_chief:
+            return tf.train.CheckpointManager(
+                self.checkpoint, self.model_dir,
+                max_to_keep=self.train_cfg.max_checkpoints_to_keep,
+                checkpoint_name=CHECKPOINT_PREFIX)
+        return tf.train.CheckpointManager(
+            self.checkpoint, os.path.join(self.model_dir, f".worker-{self._worker}"),
+            max_to_keep=1, checkpoint_name=CHECKPOINT_PREFIX)
 
     def save_checkpoint(self) -> str:
         path = self.checkpoint_manager.save(checkpoint_number=int(self.step.numpy()))
@@ -471,7 +483,8 @@ class Trainer:
                 ds = ds.skip(skip * ctx.num_replicas_in_sync // ctx.num_input_pipelines)
             return ds
 
-        return self.strategy.distribute_datasets_from_function(dataset_fn)
+        with data_lib.remembered_listings():
+            return self.strategy.distribute_datasets_from_function(dataset_fn)
 
     def _eval_dataset(self):
         from sat_tf import evaluation
@@ -481,7 +494,9 @@ class Trainer:
                                           batch_size=batch_size, image_size=self.image_size,
                                           input_context=input_context)
 
-        return evaluation.distribute_eval_dataset(self.strategy, build, self.eval_batch_size)
+        with data_lib.remembered_listings():
+            return evaluation.distribute_eval_dataset(self.strategy, build,
+                                                      self.eval_batch_size)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -571,8 +586,15 @@ class Trainer:
         a NaN/Inf loss, before anything is saved.
         """
         tf.io.gfile.makedirs(self.model_dir)
+        # One trainer per run directory (the chief's lock; the other workers write elsewhere).
+        lock = rundir.RunLock(self.model_dir) if self.is_chief else contextlib.nullcontext()
+        with lock:
+            return self._train(until_step, lock)
+
+    def _train(self, until_step: int | None, lock) -> dict:
         if self.is_chief:
-            _write_experiment(self.model_dir, self.experiment)
+            rundir.check_resumable(self.model_dir, self.experiment)
+            rundir.write_experiment(self.model_dir, self.experiment)
         end = self.total_steps if until_step is None else min(until_step, self.total_steps)
         step = int(self.step.numpy())
         self._stop_signal = None
@@ -614,24 +636,39 @@ class Trainer:
                 saved = False
                 if step % t.checkpoint_every_steps == 0 or step == end or stop:
                     last_good, saved = self.save_checkpoint(), True
-                if not stop and ((t.eval_every_steps and step % t.eval_every_steps == 0) or (
-                        step == self.total_steps)):
+                if (not stop and t.eval_every_steps and step % t.eval_every_steps == 0
+                        and step != self.total_steps):   # the last step's evaluation: below
                     result["eval"] = self.evaluate(should_stop=self._agreed_stop)
                     if result["eval"] is None:      # abandoned for a stop request
                         stop = self._stop_signal or "a stop requested by another worker"
                         if not saved:
                             last_good = self.save_checkpoint()
                 if stop:
-                    self.log(f"{stop} at step {step}: checkpoint saved; run the same command "
-                             "again to resume.")
+                    self._log_preempted(stop, step)
                     result["status"] = "preempted"
                     break
+                if hasattr(lock, "refresh"):
+                    lock.refresh()
+            # The evaluation at the last step, also when a run was stopped during it before.
+            if (result["status"] == "completed" and step == self.total_steps
+                    and not rundir.final_eval_done(self.model_dir, step)):
+                result["eval"] = self.evaluate(should_stop=self._agreed_stop)
+                if result["eval"] is None:
+                    self._log_preempted(self._stop_signal or "a stop requested by another "
+                                        "worker", step)
+                    result["status"] = "preempted"
+                elif self.is_chief:
+                    rundir.write_final_eval(self.model_dir, step, result["eval"])
         result["step"] = step
         if result["status"] == "completed" and step < self.total_steps:
             result["status"] = "stopped"
         if self._summary_writer is not None:
             self._summary_writer.flush()
         return result
+
+    def _log_preempted(self, reason: str, step: int) -> None:
+        self.log(f"{reason} at step {step}: checkpoint saved; run the same command again to "
+                 "resume.")
 
     def _report(self, step: int, busy: float, first_step: int, started: float) -> dict:
         m = self._read_metrics()
@@ -758,19 +795,42 @@ def load_model(model_dir: str, *, checkpoint: str | None = None, use_ema: bool =
     Returns:
       (model, experiment, step).
     """
-    exp = _read_experiment(model_dir)
+    model, exp, step, _ = load_run(model_dir, checkpoint=checkpoint, use_ema=use_ema,
+                                   model_fn=model_fn)
+    return model, exp, step
+
+
+def load_run(model_dir: str, *, checkpoint: str | None = None, use_ema: bool = True,
+             model_fn: Callable | None = None, log: Callable[[str], None] = print
+             ) -> tuple[keras.Model, Experiment, int, str]:
+    """:func:`load_model`, also returning the checkpoint restored. Without ``checkpoint``, the
+    newest readable one (damaged newer ones are skipped, each named through ``log``)."""
+    exp = rundir.read_experiment(model_dir)
     if exp is None:
         raise ValueError(f"{model_dir!r} holds no {EXPERIMENT_FILE}; is it a training model_dir?")
-    path = checkpoint or tf.train.latest_checkpoint(model_dir)
-    if path is None:
-        raise ValueError(f"{model_dir!r} holds no checkpoint.")
     model = build_model(exp, model_fn)
     step = tf.Variable(0, dtype=tf.int64, trainable=False)
     objects = dict(model=model, step=step)
     ema = None
     if use_ema and exp.train.ema_decay:
         ema = objects["ema"] = ExponentialMovingAverage(model, exp.train.ema_decay)
-    tf.train.Checkpoint(**objects).restore(path).expect_partial().assert_existing_objects_matched()
+    ckpt = tf.train.Checkpoint(**objects)
+    if checkpoint:
+        try:
+            ckpt.restore(checkpoint).expect_partial().assert_existing_objects_matched()
+        except rundir.UNREADABLE as e:
+            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise rundir.RunDirError(f"Checkpoint {checkpoint!r} cannot be read ({reason}).") \
+                from None
+        path = checkpoint
+    else:
+        restored = rundir.restore_newest_readable(ckpt, model_dir, prefix=CHECKPOINT_PREFIX,
+                                                  log=log, repair=False, partial=True)
+        if restored.path is None:
+            detail = f" that can be read ({'; '.join(restored.skipped)})" if (
+                restored.skipped) else ""
+            raise ValueError(f"{model_dir!r} holds no checkpoint{detail}.")
+        path = restored.path
     if ema is not None:
         ema.copy_to_model()
-    return model, exp, int(step.numpy())
+    return model, exp, int(step.numpy()), path

@@ -1,0 +1,275 @@
+"""The run directory (``model_dir``) of a training run, and what keeps it safe.
+
+A run directory holds ``experiment.json`` (the run's configuration), checkpoints
+``ckpt-<step>`` with TensorFlow's ``checkpoint`` state file, summaries, ``final_eval.json``
+(the evaluation at the last step) and, while a trainer runs, ``.lock``. This module guards it:
+
+* :class:`RunLock`: one trainer at a time. Two trainers in one directory overwrite each
+  other's checkpoints; the second is refused in one line naming the holder. A crashed
+  trainer leaves no stale lock: locally the lock is an ``flock`` the kernel drops with the
+  process; on a bucket (no locks there) it is a file whose holder refreshes it, and a file
+  not refreshed for :data:`REMOTE_LOCK_STALE_SECONDS` counts as abandoned.
+* :func:`check_resumable`: a directory is resumed only by the same run. Fields that may change
+  on resume (length, cadence, hardware, evaluation) are listed in :data:`MAY_CHANGE`; any
+  other difference is refused, naming the fields.
+* :func:`find_checkpoints` / :func:`restore_newest_readable`: the newest checkpoint that can be
+  read, even when the ``checkpoint`` state file is unparsable or the newest checkpoint is
+  truncated (each skipped one is named), and a state file repaired to match.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import socket
+import time
+from typing import Callable
+
+import tensorflow as tf
+
+from sat_tf.config import Experiment
+
+EXPERIMENT_FILE = "experiment.json"
+FINAL_EVAL_FILE = "final_eval.json"
+LOCK_FILE = ".lock"
+REMOTE_LOCK_STALE_SECONDS = 15 * 60
+
+# Dotted config paths (or prefixes ending in ".") that may differ when a run is resumed.
+MAY_CHANGE = (
+    "name", "description", "paper", "model_dir", "runtime.", "eval_attack.", "evaluation.",
+    "train.train_steps", "train.train_epochs", "train.steps_per_loop",
+    "train.checkpoint_every_steps", "train.max_checkpoints_to_keep",
+    "train.summary_every_steps", "train.eval_every_steps", "train.eval_steps",
+    "train.eval_batch_size", "train.summary_images", "train.resume_input",
+    "data.data_dir", "data.manual_dir", "data.num_parallel_reads", "data.skip_corrupt",
+    "data.cache_eval", "data.shuffle_buffer",
+)
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked (busy, another run, unreadable)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# experiment.json
+
+def read_experiment(model_dir: str) -> Experiment | None:
+    path = os.path.join(model_dir, EXPERIMENT_FILE)
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        return Experiment.from_dict(json.load(f))
+
+
+def _write_json(path: str, value) -> None:
+    """Writes ``value`` as JSON to ``path`` atomically (a temporary file renamed over it)."""
+    tmp = path + ".tmp"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def write_experiment(model_dir: str, exp: Experiment) -> None:
+    _write_json(os.path.join(model_dir, EXPERIMENT_FILE), exp.to_dict())
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "paper":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _may_change(path: str) -> bool:
+    return any(path == p or (p.endswith(".") and path.startswith(p)) for p in MAY_CHANGE)
+
+
+def differences(stored: Experiment, given: Experiment) -> list[str]:
+    """``path (stored X, given Y)`` for every field that differs and may not change."""
+    a, b = _flatten(stored.to_dict()), _flatten(given.to_dict())
+    out = []
+    for path in sorted(set(a) | set(b)):
+        x, y = a.get(path), b.get(path)
+        if isinstance(x, list):
+            x = tuple(x)
+        if isinstance(y, list):
+            y = tuple(y)
+        if x != y and not _may_change(path):
+            out.append(f"{path} (stored {x!r}, given {y!r})")
+    return out
+
+
+def check_resumable(model_dir: str, given: Experiment) -> None:
+    """Raises :class:`RunDirError` when ``model_dir`` holds another run than ``given``."""
+    stored = read_experiment(model_dir)
+    if stored is None:
+        return
+    diff = differences(stored, given)
+    if diff:
+        raise RunDirError(
+            f"model_dir {model_dir!r} holds another run: it differs in {'; '.join(diff)}. "
+            "Resume it with its own settings (see its experiment.json) or use a new model_dir.")
+
+
+# ---------------------------------------------------------------------------------------------
+# The final evaluation
+
+def write_final_eval(model_dir: str, step: int, result: dict) -> None:
+    _write_json(os.path.join(model_dir, FINAL_EVAL_FILE), {"step": step, "eval": result})
+
+
+def final_eval_done(model_dir: str, step: int) -> bool:
+    """Whether the evaluation at ``step`` (the last) finished and was recorded."""
+    path = os.path.join(model_dir, FINAL_EVAL_FILE)
+    if not tf.io.gfile.exists(path):
+        return False
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            return json.load(f).get("step") == step
+    except (ValueError, OSError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# One trainer per run directory
+
+class RunLock:
+    """Held by the trainer of ``model_dir`` while it trains (a context manager)."""
+
+    def __init__(self, model_dir: str):
+        self.model_dir = model_dir
+        self.path = os.path.join(model_dir, LOCK_FILE)
+        self.remote = "://" in model_dir
+        self._file = None
+        self.holder = f"pid {os.getpid()} on {socket.gethostname()}"
+
+    def __enter__(self) -> "RunLock":
+        if self.remote:
+            self._acquire_remote()
+        else:
+            self._acquire_local()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _busy(self, holder: str) -> RunDirError:
+        return RunDirError(
+            f"model_dir {self.model_dir!r} is in use by another trainer ({holder.strip()}); "
+            "wait for it to finish or stop it, or use another model_dir.")
+
+    def _acquire_local(self) -> None:
+        import fcntl
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read() or "unknown holder"
+            f.close()
+            raise self._busy(holder) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{self.holder}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        self._file = f
+
+    def _acquire_remote(self) -> None:
+        if tf.io.gfile.exists(self.path):
+            with tf.io.gfile.GFile(self.path) as f:
+                text = f.read()
+            match = re.search(r"refreshed (\d+)", text)
+            age = time.time() - int(match.group(1)) if match else float("inf")
+            if age < REMOTE_LOCK_STALE_SECONDS and not text.startswith(self.holder + ","):
+                raise self._busy(text.split(", refreshed")[0])
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Keeps a bucket lock fresh (the trainer calls it between loops); no-op locally."""
+        if self.remote:
+            with tf.io.gfile.GFile(self.path, "w") as f:
+                f.write(f"{self.holder}, refreshed {int(time.time())}\n")
+
+    def release(self) -> None:
+        if self._file is not None:
+            import fcntl
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+        elif self.remote and tf.io.gfile.exists(self.path):
+            tf.io.gfile.remove(self.path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+@dataclasses.dataclass
+class Restored:
+    path: str | None            # the checkpoint restored (None: none could be)
+    skipped: list[str]          # newer checkpoints that could not be read, with the reason
+
+
+def find_checkpoints(model_dir: str, prefix: str = "ckpt") -> list[str]:
+    """Every ``<prefix>-<step>`` in ``model_dir`` that has an index file, newest first, found
+    by listing the folder (the ``checkpoint`` state file may be damaged)."""
+    found = []
+    for index in tf.io.gfile.glob(os.path.join(model_dir, f"{prefix}-*.index")):
+        m = re.fullmatch(rf"{re.escape(prefix)}-(\d+)\.index", os.path.basename(index))
+        if m:
+            found.append((int(m.group(1)), index[:-len(".index")]))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+# What reading a damaged checkpoint raises: a truncated data file IndexError ("Read less
+# bytes than requested"), a damaged index DataLossError (an OpError). A checkpoint of another
+# model raises AssertionError or ValueError (shape mismatch): never skipped.
+UNREADABLE = (tf.errors.OpError, IndexError, EOFError)
+
+
+def restore_newest_readable(checkpoint: tf.train.Checkpoint, model_dir: str, *,
+                            prefix: str = "ckpt", log: Callable[[str], None] = print,
+                            repair: bool = True, partial: bool = False) -> Restored:
+    """Restores the newest checkpoint of ``model_dir`` that can be read into ``checkpoint``.
+
+    A checkpoint whose files are truncated or corrupt is skipped with a log line naming it,
+    and the next older one tried. With ``repair`` (the chief), a ``checkpoint`` state file
+    that is unparsable, or that names a skipped checkpoint, is rewritten to list the readable
+    ones, so that rotation and later restores see them. A checkpoint of another model (objects
+    that do not match) is not skipped: that raises. ``partial``: ``checkpoint`` holds only
+    some of the saved objects (e.g. the model without its optimizer).
+    """
+    candidates = find_checkpoints(model_dir, prefix)
+    skipped = []
+    for path in candidates:
+        try:
+            status = checkpoint.restore(path)
+            if partial:
+                status.expect_partial()
+            status.assert_existing_objects_matched()
+        except AssertionError:
+            raise
+        except UNREADABLE as e:
+            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            skipped.append(f"{os.path.basename(path)} ({reason})")
+            log(f"Skipped unreadable checkpoint {path}: {reason}")
+            continue
+        if repair:
+            _repair_state(model_dir, path, [c for c in candidates if _step(c) <= _step(path)])
+        return Restored(path, skipped)
+    return Restored(None, skipped)
+
+
+def _step(path: str) -> int:
+    return int(path.rsplit("-", 1)[1])
+
+
+def _repair_state(model_dir: str, latest: str, readable_and_older: list[str]) -> None:
+    state = tf.train.get_checkpoint_state(model_dir)
+    if state is not None and state.model_checkpoint_path in (latest, os.path.basename(latest)):
+        return
+    tf.compat.v1.train.update_checkpoint_state(
+        model_dir, latest, all_model_checkpoint_paths=list(reversed(readable_and_older)))
