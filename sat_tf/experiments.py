@@ -140,6 +140,15 @@ def _cifar10(description: str, model: ModelConfig) -> Experiment:
     )
 
 
+# The release's ResNet "gelu" is the tanh approximation (DESIGN.md §4): the paper's GELU
+# presets (named "gelu", as in the paper) train with gelu_tanh.
+_RELEASE_ACTIVATION = {"gelu": "gelu_tanh"}
+
+
+def _model_activation(activation: str) -> str:
+    return _RELEASE_ACTIVATION.get(activation, activation)
+
+
 def _slug(activation: str) -> str:
     return activation.replace("_", "-")
 
@@ -154,7 +163,8 @@ def _register_paper_presets() -> None:
         _add(f"imagenet-resnet50-{_slug(act)}",
              lambda act=act, clean=clean, robust=robust: _imagenet(
                  f"Figure 3: ResNet-50 on ImageNet, adversarially trained with {act}.",
-                 ModelConfig(name="resnet-50", activation=act, image_size=224),
+                 ModelConfig(name="resnet-50", activation=_model_activation(act),
+                             image_size=224),
                  recipes.resnet(), _paper("Figure 3", clean, robust)))
 
     rules = {  # which: (attacker's backward, optimizer's backward, who gets the smooth gradient)
@@ -201,7 +211,7 @@ def _register_paper_presets() -> None:
         for act in FIGURE3_ACTIVATIONS:
             _add(f"cifar10-{stem}-{_slug(act)}", lambda act=act, model_name=model_name: _cifar10(
                 f"CIFAR-10 (own protocol): {model_name} adversarially trained with {act}.",
-                ModelConfig(name=model_name, activation=act)))
+                ModelConfig(name=model_name, activation=_model_activation(act))))
 
 
 _register_paper_presets()

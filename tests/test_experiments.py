@@ -232,3 +232,20 @@ def test_cli_results_beside_the_paper(tmp_path):
                          check=True).stdout.splitlines()
     assert out[1].split() == ["imagenet-resnet50-silu", "69.4", "30.0", "worst", "to", "PGD-10",
                               "69.7", "42.3", "pass"]
+
+
+def test_gelu_presets_use_the_releases_tanh_approximation():
+    """The SAT release's ResNet "gelu" is the tanh approximation (DESIGN.md §4)."""
+    for name in ("imagenet-resnet50-gelu", "cifar10-resnet18-gelu", "cifar10-wrn34-10-gelu"):
+        assert experiments.get(name).model.activation == "gelu_tanh"
+
+
+def test_recipes_decay_what_the_release_decays():
+    """ResNet presets: conv/dense kernels only (tensorpack's ".*/W"); EfficientNet presets:
+    every non-batch-norm weight (the TPU code)."""
+    for name in experiments.names():
+        exp = experiments.get(name)
+        if exp.model.name.startswith("efficientnet"):
+            assert exp.train.weight_decay_scope == "non_bn", name
+        elif name.startswith("imagenet-"):
+            assert exp.train.weight_decay_scope == "kernels", name
