@@ -57,7 +57,8 @@ flags.DEFINE_list("attack_mode", None, f"Attack modes: {', '.join(ATTACK_MODES)}
 flags.DEFINE_bool("random_start", None, "Start PGD from a uniform random point in the ball.")
 flags.DEFINE_float("sanity_epsilon", None, "Epsilon of the large-epsilon sanity attack "
                    "(default 64; 0 turns it off).")
-flags.DEFINE_integer("eval_batch_size", None, "Global evaluation batch size.")
+flags.DEFINE_integer("eval_batch_size", None, "Global evaluation batch size (default: 128 "
+                     "rounded up to a multiple of the replica count).")
 flags.DEFINE_integer("max_batches", None, "Evaluate only this many batches (default: the "
                      "whole split).")
 flags.DEFINE_integer("seed", None, "Seed of the random starts and targets.")
@@ -69,6 +70,9 @@ flags.DEFINE_string("tpu", None, "TPU name, grpc:// address or 'local'; implies 
 flags.DEFINE_integer("num_gpus", None, "mirrored: use the first N GPUs (default: all).")
 flags.DEFINE_integer("logical_cpus", None, "Split the CPU into N logical devices (testing "
                      "--strategy=mirrored on a CPU-only machine).")
+flags.DEFINE_float("peer_timeout_seconds", None, "--strategy=multi_worker: how long each "
+                   "worker waits at start-up for all workers of TF_CONFIG's cluster before "
+                   "failing (default 900).")
 
 def _fail(message: str) -> None:
     cli.fail("eval.py", message)
@@ -119,8 +123,27 @@ def config_from_flags():
     runtime = RuntimeConfig(strategy=FLAGS.strategy or ("tpu" if FLAGS.tpu else "default"),
                             tpu=FLAGS.tpu, num_gpus=FLAGS.num_gpus,
                             logical_cpus=FLAGS.logical_cpus)
+    if FLAGS.peer_timeout_seconds is not None:
+        runtime.peer_timeout_seconds = FLAGS.peer_timeout_seconds
     runtime.validate()
+    if FLAGS.report:
+        check_report_path(FLAGS.report)
     return source, exp, overrides, runtime
+
+
+def check_report_path(path: str) -> None:
+    """A local --report must be a writable file path (checked before any evaluation work:
+    an hour of attacks should not end in an unwritable report)."""
+    if "://" in path:
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"Invalid --report {path!r}: it is a folder; give a file path such "
+                         "as report.json.")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"Invalid --report {path!r}: its folder {folder!r} does not exist.")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"Invalid --report {path!r}: it is not writable.")
 
 
 def _report_path(source, step) -> str:
@@ -143,11 +166,13 @@ def run(source, exp: Experiment, overrides: dict, runtime: RuntimeConfig) -> dic
         exp.data.validate()
     cfg = exp.evaluation
     image_size = info["image_size"]
-    distribute.per_replica_batch_size(cfg.global_batch_size, strategy, what="eval batch size")
+    cfg.global_batch_size = distribute.eval_batch_size(cfg.global_batch_size, strategy)
     split = data.info(exp.data)
-    dataset = evaluation.distribute_eval_dataset(
-        strategy, lambda **kw: data.build_dataset(exp.data, split="eval", image_size=image_size,
-                                                  **kw), cfg.global_batch_size)
+    with data.remembered_listings():
+        dataset = evaluation.distribute_eval_dataset(
+            strategy, lambda **kw: data.build_dataset(exp.data, split="eval",
+                                                      image_size=image_size, **kw),
+            cfg.global_batch_size)
     attacks = reports.attacks_from_config(cfg)
     diagnostic = ([reports.large_epsilon_attack(cfg.sanity_epsilon, random_start=cfg.random_start)]
                   if cfg.sanity_epsilon else [])

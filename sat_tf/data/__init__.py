@@ -41,6 +41,14 @@ def info(data: DataConfig) -> DatasetInfo:
     raise ValueError(f"Invalid dataset {data.dataset!r}; valid choices: synthetic, cifar10, imagenet.")
 
 
+def remembered_listings():
+    """A context in which TFRecord folders are listed and their files statted once (the
+    pipelines of every host of a pod are built on one client); see
+    :func:`sat_tf.data.tfrecord.remembered_listings`."""
+    from sat_tf.data import tfrecord
+    return tfrecord.remembered_listings()
+
+
 def build_dataset(data: DataConfig, *, split: str, batch_size: int, image_size: int | None = None,
                   input_context=None):
     """The ``tf.data.Dataset`` of one split, following the contract in this module's doc."""

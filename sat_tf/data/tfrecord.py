@@ -16,6 +16,7 @@ element when the file holds unreadable bytes (a bad checksum or a truncated reco
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import re
 from typing import Sequence
@@ -84,7 +85,39 @@ def list_files(data_dir: str, split: str) -> list[str]:
 
     Raises a one-line ValueError when there are none, or when officially named shards
     (``split-NNNNN-of-MMMMM``) are missing some of the M shards (an unfinished conversion).
+    Inside :func:`remembered_listings` the answer is computed once.
     """
+    if _memo is None:
+        return _list_files(data_dir, split)
+    key = ("list", data_dir, split)
+    if key not in _memo:
+        _memo[key] = _list_files(data_dir, split)
+    return list(_memo[key])
+
+
+_memo: dict | None = None
+
+
+@contextlib.contextmanager
+def remembered_listings():
+    """Inside the context, :func:`list_files` and :func:`file_sizes` ask the file system once
+    per folder and file.
+
+    ``distribute_datasets_from_function`` builds one input pipeline per host on the client
+    (dozens on a TPU pod), each listing and statting the shards again: on a bucket, thousands
+    of round trips. Outside the context nothing is remembered, so files rewritten later (a
+    conversion that went on, a repaired shard) are seen as they are.
+    """
+    global _memo
+    outer = _memo
+    _memo = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _memo = outer
+
+
+def _list_files(data_dir: str, split: str) -> list[str]:
     pattern = os.path.join(data_dir, f"{split}-*")
     files = sorted(tf.io.gfile.glob(pattern))
     if not files:
@@ -103,9 +136,15 @@ def list_files(data_dir: str, split: str) -> list[str]:
 
 
 def file_sizes(files: Sequence[str]) -> list[int]:
-    """Byte sizes of ``files`` (stat calls in parallel: they are round trips on GCS)."""
-    with concurrent.futures.ThreadPoolExecutor(min(32, max(1, len(files)))) as pool:
-        return list(pool.map(lambda f: tf.io.gfile.stat(f).length, files))
+    """Byte sizes of ``files`` (stat calls in parallel: they are round trips on GCS; once per
+    file inside :func:`remembered_listings`)."""
+    sizes = {} if _memo is None else _memo
+    missing = [f for f in dict.fromkeys(files) if ("size", f) not in sizes]
+    if missing:
+        with concurrent.futures.ThreadPoolExecutor(min(32, len(missing))) as pool:
+            found = pool.map(lambda f: tf.io.gfile.stat(f).length, missing)
+            sizes.update({("size", f): n for f, n in zip(missing, found)})
+    return [sizes[("size", f)] for f in files]
 
 
 def read(files: Sequence[str], *, cycle_length: int, shuffle_seed: int | None = None):
