@@ -1,5 +1,19 @@
-"""sat-tf: Smooth Adversarial Training in TensorFlow 2 / Keras 3."""
+"""sat-tf: Smooth Adversarial Training in TensorFlow 2 / Keras 3.
+
+TensorFlow is not an unconditional requirement: its builds are different PyPI distributions
+that install the same ``tensorflow`` package over each other, and pip does not know that. A
+Cloud TPU VM needs ``tensorflow-tpu`` (releases up to 2.20), and requiring ``tensorflow``
+here would make ``pip install`` put the CPU build over it ("TPUs not found"). So, as JAX
+does, the build is an extra:
+
+    pip install -e ".[cpu]"    # CPU; also GPUs when CUDA is installed on the machine
+    pip install -e ".[gpu]"    # GPU, with CUDA and cuDNN from pip
+    pip install -e ".[tpu]"    # Cloud TPU VM
+"""
 from setuptools import find_packages, setup
+
+# The TensorFlow releases sat-tf supports: 2.18 (Keras 3 is tf.keras) to 2.21.
+_TF = ">=2.18,<2.22"
 
 setup(
     name="sat_tf",
@@ -8,7 +22,6 @@ setup(
     packages=find_packages(include=["sat_tf", "sat_tf.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "tensorflow>=2.18,<2.22",
         "keras>=3.0",
         "tensorflow-datasets>=4.9",
         # tensorflow-datasets reads its checksum files through importlib_resources when it
@@ -20,9 +33,17 @@ setup(
         "pillow>=9",
     ],
     extras_require={
-        # scikit-learn ships two real JPEG photos (china.jpg, flower.jpg) that the
-        # data tests build an ImageNet-style folder tree from; matplotlib for the figures.
-        "test": ["pytest>=7", "scikit-learn>=1.0", "matplotlib>=3.5"],
+        # Exactly one TensorFlow build (see the module doc); CI installs ".[cpu,test]".
+        "cpu": [f"tensorflow{_TF}"],
+        "gpu": [f"tensorflow[and-cuda]{_TF}"],
+        # tensorflow-tpu has no release after 2.20.
+        "tpu": ["tensorflow-tpu>=2.18,<2.21"],
+        # No TensorFlow here, so that ".[tpu,test]" keeps a TPU VM's build. scikit-learn
+        # ships two real JPEG photos (china.jpg, flower.jpg) that the data tests build an
+        # ImageNet-style folder tree from; matplotlib for the figures; setuptools because
+        # tests/test_install.py builds this package's metadata from setup.py (Python >= 3.12
+        # venvs come without it).
+        "test": ["pytest>=7", "scikit-learn>=1.0", "matplotlib>=3.5", "setuptools"],
         "plot": ["matplotlib>=3.5"],
     },
 )
