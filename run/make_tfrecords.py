@@ -12,7 +12,12 @@ The official CIFAR-10 archive (python or binary version, as downloaded):
       --output_dir=/data/cifar10-tfrecords
 
 Re-running resumes an interrupted conversion (finished shards are kept); a complete output is
-left alone. Bad flags give a one-line error and exit status 2.
+left alone. The output folder records the input's fingerprint (an archive's size and SHA-256; a
+folder tree's image paths, sizes and modification times): a different input into a used output
+folder is refused, naming both; use a new folder for it. Bad flags give a one-line error and
+exit status 2; bad input data (a truncated or corrupt archive, a member larger than the official
+ones, a pickle holding code, a class folder name that would break label_map.txt) a one-line
+error and exit status 1.
 """
 from __future__ import annotations
 

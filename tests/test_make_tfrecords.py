@@ -3,9 +3,14 @@
 Records are read back with a plain TFRecordDataset and checked against what the inputs were
 written with: synsets (label = sorted index + 1), pixels, counts, shard names.
 """
+import codecs
+import gzip
 import io
+import json
 import os
 import pickle
+import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -196,23 +201,210 @@ def test_cifar10_counts_default_to_the_real_ones(tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
-def test_cifar10_pickles_cannot_run_code(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (os.system, ("echo pwned",))
-
-    archive = str(tmp_path / "cifar-10-python.tar.gz")
-    testing.write_cifar10_archive(archive, kind="python", counts={"train": 5, "test": 5})
+def _rewrite_archive(archive, replace):
+    """Rewrites the .tar.gz ``archive`` with the members in ``replace`` (name -> bytes)."""
     with tarfile.open(archive) as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
-    members["cifar-10-batches-py/test_batch"] = pickle.dumps({b"data": Evil()}, protocol=2)
+    members.update(replace)
     with tarfile.open(archive, "w:gz") as tar:
         for name, blob in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
-    with pytest.raises(pickle.UnpicklingError, match="unexpected object"):
+
+
+class _RunsCode:
+    """Pickles as a call of ``os.system(command)``."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def _evil_archive(tmp_path):
+    """A python CIFAR-10 archive whose test_batch would create ``marker`` if unpickled freely."""
+    archive = str(tmp_path / "cifar-10-python.tar.gz")
+    marker = tmp_path / "pwned"
+    testing.write_cifar10_archive(archive, kind="python", counts={"train": 5, "test": 5})
+    _rewrite_archive(archive, {"cifar-10-batches-py/test_batch": pickle.dumps(
+        {b"data": _RunsCode(f"touch {marker}"), b"labels": [0]}, protocol=2)})
+    return archive, marker
+
+
+def test_cifar10_pickles_cannot_run_code(tmp_path):
+    archive, marker = _evil_archive(tmp_path)
+    with pytest.raises(ValueError, match=r"cifar-10-python.tar.gz.*member "
+                       r"cifar-10-batches-py/test_batch holds a forbidden object posix.system"):
+        convert.convert_cifar10_archive(archive, str(tmp_path / "out"),
+                                        expected_counts={"train": 5, "test": 5}, progress=False)
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+class _Encodes:
+    """Pickles as ``_codecs.encode(text, "latin1")``: each copy builds a new ``text``."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def __reduce__(self):
+        return (codecs.encode, (self.text, "latin1"))
+
+
+class _BigArray:
+    """Pickles as ``numpy.ndarray((1 << 40,))``: a terabyte, uninitialised."""
+
+    def __reduce__(self):
+        return (np.ndarray, ((1 << 40,),))
+
+
+@pytest.mark.parametrize("batch,message", [
+    ([1, 2, 3], "not a dict"),
+    ({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}, "uint8"),
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, "cat"]}, "labels"),
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1],
+      b"filenames": [b"x" * 1000] * 2}, "file names"),
+    # 1,000 calls each building a new 100 kB string from one 100 kB string in the pickle.
+    ({b"data": [_Encodes(text) for text in ["x" * 100_000] * 1000], b"labels": []},
+     "builds more data than it holds"),
+    ({b"data": _BigArray(), b"labels": []}, "numpy.ndarray"),
+])
+def test_cifar10_hostile_batches_are_refused_in_bounded_memory(tmp_path, batch, message):
+    archive = str(tmp_path / "cifar-10-python.tar.gz")
+    testing.write_cifar10_archive(archive, kind="python", counts={"train": 5, "test": 2})
+    _rewrite_archive(archive, {"cifar-10-batches-py/test_batch": pickle.dumps(batch, protocol=2)})
+    with pytest.raises(ValueError, match=f"member cifar-10-batches-py/test_batch.*{message}"):
         convert.read_cifar10_archive(archive)
+
+
+@pytest.mark.parametrize("kind", ["python", "binary"])
+def test_truncated_cifar10_archive_is_one_clear_error(tmp_path, kind):
+    archive = str(tmp_path / f"cifar-10-{kind}.tar.gz")
+    testing.write_cifar10_archive(archive, kind=kind, counts={"train": 50, "test": 10})
+    with open(archive, "rb") as f:
+        blob = f.read()
+    for cut in (len(blob) * 6 // 10, len(blob) - 3):          # mid-member; in the gzip trailer
+        with open(archive, "wb") as f:
+            f.write(blob[:cut])
+        with pytest.raises(ValueError, match=f"{archive!r} is truncated or corrupt .*"
+                                             "re-download it"):
+            convert.read_cifar10_archive(archive)
+    plain = str(tmp_path / f"cifar-10-{kind}.tar")             # also uncompressed
+    with gzip.open(io.BytesIO(blob)) as f, open(plain, "wb") as out:
+        data = f.read()
+        out.write(data[:len(data) * 6 // 10])
+    with pytest.raises(ValueError, match="is truncated or corrupt"):
+        convert.read_cifar10_archive(plain)
+
+
+def _write_zero_member_archive(path, member, size):
+    """A .tar.gz whose ``member`` is ``size`` (a multiple of 1 MiB) zero bytes, compressed about
+    1000:1: the zeros are copies of one gzip member of 1 MiB (a gzip file may be a series of
+    members), so even a huge member takes milliseconds to write."""
+    info = tarfile.TarInfo(member)
+    info.size = size
+    zeros = gzip.compress(bytes(1 << 20))
+    with open(path, "wb") as f:
+        f.write(gzip.compress(info.tobuf(tarfile.GNU_FORMAT)))
+        f.writelines(zeros for _ in range(size >> 20))
+        f.write(gzip.compress(bytes(2 * tarfile.BLOCKSIZE)))    # end-of-archive marker
+
+
+def test_cifar10_member_larger_than_official_is_refused_before_reading(tmp_path):
+    archive = str(tmp_path / "cifar-10-python.tar.gz")
+    _write_zero_member_archive(archive, "cifar-10-batches-py/data_batch_1", 100 << 20)
+    assert os.path.getsize(archive) < 200_000
+    with pytest.raises(ValueError, match=r"member cifar-10-batches-py/data_batch_1 claims "
+                                         r"104,857,600 bytes; .* at most 64 MiB"):
+        convert.read_cifar10_archive(archive)
+
+
+def _tree_with_class(tmp_path, synset):
+    root = tmp_path / "tree"
+    for name in ("n01000000", synset):
+        os.makedirs(root / "train" / name)
+        Image.new("RGB", (8, 8)).save(root / "train" / name / "a.JPEG")
+    return str(root)
+
+
+@pytest.mark.parametrize("synset", ["n01\nn02", "n01 x", "n01\tx", "n01\x1b[2J", "n01\x00"])
+def test_class_folder_names_that_would_break_the_label_map_are_refused(tmp_path, synset):
+    if "\x00" in synset:                                      # no file system allows it
+        with pytest.raises(ValueError, match=r"Invalid synset 'n01\\x00' in .*labels.txt"):
+            convert.scan_imagenet_tree(str(_flat_validation_tree(tmp_path, synset)),
+                                       str(tmp_path / "labels.txt"))
+        return
+    root = _tree_with_class(tmp_path, synset)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"Invalid class folder .*" + re.escape(repr(synset)[1:-1])
+                       + r".*printable.*no spaces.*label_map.txt"):
+        convert.convert_imagenet_tree(root, str(out), train_shards=1, progress=False)
+    assert not out.exists()
+
+
+def _flat_validation_tree(tmp_path, synset):
+    root = tmp_path / "flat"
+    os.makedirs(root / "validation")
+    Image.new("RGB", (8, 8)).save(root / "validation" / "a.JPEG")
+    (tmp_path / "labels.txt").write_text(f"a.JPEG {synset}\n")
+    return root
+
+
+def test_a_different_imagenet_tree_into_a_complete_output_is_refused(tmp_path):
+    kw = dict(train_shards=2, validation_shards=1, num_workers=1, progress=False)
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    for root, seed in ((first, 0), (second, 5)):              # same file names, other photos
+        testing.write_imagenet_tree(root, num_classes=2, train_per_class=2,
+                                    validation_per_class=1, odd_formats=False, seed=seed)
+    out = str(tmp_path / "out")
+    assert convert.convert_imagenet_tree(first, out, **kw).shards_written == 3
+    refused = (f"{re.escape(repr(out))} holds the conversion of {re.escape(repr(first))} "
+               rf"\(6 files, .*\); {re.escape(repr(second))} \(6 files, .*\) is a different "
+               "input: use a new output folder")
+    with pytest.raises(ValueError, match=refused):
+        convert.convert_imagenet_tree(second, out, **kw)
+    # The same tree again: complete. One of its images rewritten: a different input.
+    assert convert.convert_imagenet_tree(first, out, **kw).shards_written == 0
+    image = os.path.join(first, "train", testing.synset_names(2)[0],
+                         f"{testing.synset_names(2)[0]}_0.JPEG")
+    Image.new("RGB", (60, 80)).save(image, "JPEG")
+    with pytest.raises(ValueError, match="is a different input"):
+        convert.convert_imagenet_tree(first, out, **kw)
+
+
+def test_a_different_cifar10_archive_into_a_complete_output_is_refused(tmp_path):
+    counts = {"train": 10, "test": 5}
+    kw = dict(train_shards=2, test_shards=1, expected_counts=counts, progress=False)
+    python, binary = str(tmp_path / "python.tar.gz"), str(tmp_path / "binary.tar.gz")
+    testing.write_cifar10_archive(python, kind="python", counts=counts, seed=3)
+    testing.write_cifar10_archive(binary, kind="binary", counts=counts, seed=3)  # same pixels
+    out = str(tmp_path / "out")
+    assert convert.convert_cifar10_archive(python, out, **kw).shards_written == 3
+    with pytest.raises(ValueError, match=rf"holds the conversion of {re.escape(repr(python))} "
+                       rf"\({os.path.getsize(python):,} bytes, sha256 [0-9a-f]{{16}}\); "
+                       rf"{re.escape(repr(binary))} .* is a different input: use a new output"):
+        convert.convert_cifar10_archive(binary, out, **kw)
+    with open(os.path.join(out, convert.MANIFEST_FILE)) as f:
+        assert json.load(f)["input"]["path"] == python        # the old record is kept
+    # The same archive, even copied elsewhere: complete; an interrupted conversion resumes.
+    copy = str(tmp_path / "copy.tar.gz")
+    shutil.copy(python, copy)
+    assert convert.convert_cifar10_archive(copy, out, **kw).shards_written == 0
+    os.remove(os.path.join(out, "train-00001-of-00002"))
+    assert convert.convert_cifar10_archive(python, out, **kw).shards_written == 1
+    # An output written before inputs were recorded is adopted when its examples match.
+    path = os.path.join(out, convert.MANIFEST_FILE)
+    with open(path) as f:
+        manifest = json.load(f)
+    del manifest["input"]
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    assert convert.convert_cifar10_archive(python, out, **kw).shards_written == 0
+    with open(path) as f:
+        assert json.load(f)["input"]["path"] == python
+    with pytest.raises(ValueError, match="is a different input"):
+        convert.convert_cifar10_archive(binary, out, **kw)
 
 
 def _run(*args):
@@ -246,3 +438,41 @@ def test_cli_converts_a_cifar10_archive(tmp_path):
     assert proc.stdout.strip() == f"{out}: wrote 3 shards (20 train, 10 test)."
     assert _shards(out, "train") == ["train-00000-of-00002", "train-00001-of-00002"]
     assert len(_records(os.path.join(out, "test-00000-of-00001"))) == 10
+
+
+# Runs the command given as arguments, then prints its exit status and the peak RSS (KiB) of its
+# process tree: measured in this wrapper so that no earlier child of the test process counts.
+_PEAK_RSS = ("import resource, subprocess, sys; status = subprocess.run(sys.argv[1:]).returncode; "
+             "print(status, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
+@pytest.mark.parametrize("case", ["truncated", "forbidden_object", "huge_member"])
+def test_cli_bad_archives_one_line_exit_1_in_bounded_memory(tmp_path, case):
+    archive = str(tmp_path / "cifar-10-python.tar.gz")
+    marker = None
+    if case == "truncated":
+        testing.write_cifar10_archive(archive, counts={"train": 50, "test": 10})
+        with open(archive, "r+b") as f:
+            f.truncate(os.path.getsize(archive) * 6 // 10)
+        message = f"{archive!r} is truncated or corrupt"
+    elif case == "forbidden_object":
+        archive, marker = _evil_archive(tmp_path)
+        message = "cifar-10-batches-py/test_batch holds a forbidden object posix.system"
+    else:
+        _write_zero_member_archive(archive, "cifar-10-batches-py/data_batch_1", 2 << 30)
+        message = "member cifar-10-batches-py/data_batch_1 claims 2,147,483,648 bytes"
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS, sys.executable, SCRIPT, "--dataset=cifar10",
+         f"--input={archive}", f"--output_dir={tmp_path / 'out'}", "--progress=false"],
+        capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        timeout=300)
+    status, peak_kib = (int(v) for v in proc.stdout.split()[-2:])
+    assert status == 1, proc.stderr
+    peak_mib = peak_kib / 1024
+    lines = [l for l in proc.stderr.splitlines() if "error" in l.lower() or "Trace" in l]
+    assert len(lines) == 1 and lines[0].startswith("make_tfrecords.py: error: "), proc.stderr
+    assert message in lines[0]
+    assert "re-download" in lines[0] or case == "forbidden_object"
+    assert marker is None or not marker.exists()
+    # TensorFlow alone takes ~700 MiB; the 2 GiB member is never read.
+    assert peak_mib < 1024, f"peak RSS {peak_mib:.0f} MiB"
