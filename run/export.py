@@ -9,7 +9,13 @@ preprocessing in the graph) and ``metadata``; see sat_tf/export.py. The EMA weig
 exported when the run kept them (--noema: the raw weights). The latest checkpoint is exported
 unless --checkpoint names one.
 
-Bad flag values fail with a one-line message and exit status 2 before TensorFlow is imported.
+--export_dir must be new or empty; --overwrite replaces a previous export there (and nothing
+else). The SavedModel is written to a hidden sibling folder and renamed into place when
+complete, so a failed write (disk full, quota, permissions) leaves no partial folder and any
+previous export intact.
+
+Bad flag values fail with a one-line message and exit status 2 before TensorFlow is imported;
+problems found while running (a missing checkpoint, a failed write) with one line and status 1.
 """
 from __future__ import annotations
 
@@ -31,6 +37,9 @@ flags.DEFINE_bool("use_ema", True, "Export the EMA weights when the run kept the
                   "(--noema / --nouse_ema: the raw weights).")
 flags.DEFINE_alias("ema", "use_ema")
 flags.DEFINE_string("export_dir", None, "A new (or empty) folder for the SavedModel.")
+flags.DEFINE_bool("overwrite", False, "Replace --export_dir if it holds a previous export "
+                  "(anything else there is never replaced).")
+
 
 def _fail(message: str) -> None:
     cli.fail("export.py", message)
@@ -43,8 +52,18 @@ def check_flags() -> loading.Source:
     if not FLAGS.export_dir:
         raise ValueError("--export_dir is required (where the SavedModel goes).")
     d = FLAGS.export_dir
-    if "://" not in d and os.path.exists(d) and (not os.path.isdir(d) or os.listdir(d)):
-        raise ValueError(f"Export folder {d!r} exists and is not empty; choose a new one.")
+    if "://" not in d and os.path.exists(d):   # gs:// folders: sat_tf.export checks them
+        # The same rules and messages as sat_tf.export.check_export_dir, without TensorFlow.
+        if not os.path.isdir(d):
+            raise ValueError(f"Export folder {d!r} is a file; choose a new folder.")
+        if os.listdir(d) and not FLAGS.overwrite:
+            raise ValueError(f"Export folder {d!r} exists and is not empty; choose a new one, "
+                             "or overwrite it if it is a previous export (--overwrite).")
+        if os.listdir(d) and not (os.path.isfile(os.path.join(d, "saved_model.pb")) and
+                                  os.path.isfile(os.path.join(d, loading.EXPORT_METADATA))):
+            raise ValueError(f"Export folder {d!r} is not empty and holds no sat_tf export "
+                             f"(saved_model.pb and {loading.EXPORT_METADATA}); only a previous "
+                             "export is overwritten.")
     return loading.resolve(model_dir=FLAGS.model_dir, checkpoint=FLAGS.checkpoint,
                            use_ema=FLAGS.use_ema)
 
@@ -69,18 +88,21 @@ def main(argv):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.set_verbosity(logging.WARNING)   # not the SavedModel writer's INFO lines
     from sat_tf import export
+    # ValueErrors from here on (no checkpoint, a folder taken meanwhile) exit 1 via cli.run.
+    model, info = loading.load(source)
+    replacing = bool(FLAGS.overwrite) and export.is_export(FLAGS.export_dir)
     try:
-        model, info = loading.load(source)
         export.export_saved_model(model, FLAGS.export_dir, image_size=info["image_size"],
-                                  metadata=metadata(info, source.experiment))
-    except ValueError as e:
-        _fail(str(e))
+                                  metadata=metadata(info, source.experiment),
+                                  overwrite=FLAGS.overwrite)
+    except export.ExportError as e:   # disk full, quota, permissions: nothing left behind
+        cli.fail("export.py", str(e), status=1)
     print(f"Exported {info['name']} ({info['activation']}, step {info['step']}, "
           f"{info['weights']} weights, {info['image_size']}x{info['image_size']}, "
-          f"{info['num_classes']} classes) from {info['checkpoint']} to {FLAGS.export_dir}; "
+          f"{info['num_classes']} classes) from {info['checkpoint']} to {FLAGS.export_dir}"
+          f"{' (replacing the previous export)' if replacing else ''}; "
           f"signatures: {export.SERVING_SIGNATURE}, {export.ENCODED_SIGNATURE}, "
           f"{export.METADATA_SIGNATURE}.", flush=True)
-
 
 
 if __name__ == "__main__":

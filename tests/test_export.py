@@ -1,12 +1,21 @@
 """SavedModel export: the loaded model gives the Keras model's logits and input gradients, the
 encoded-image signature applies the evaluation preprocessing, metadata is recorded, bad inputs
-fail clearly, and TensorFlow's own saved_model_cli can show and run it."""
+fail clearly (non-finite pixels, decompression bombs, unsupported formats), empty batches give
+empty results, a failed write leaves nothing partial behind, and TensorFlow's own
+saved_model_cli can show and run it."""
+import hashlib
 import io
 import json
 import os
 import pathlib
+import re
+import resource
+import shutil
+import signal
+import struct
 import subprocess
 import sys
+import zlib
 
 import keras
 import numpy as np
@@ -14,12 +23,13 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from sat_tf import activations, attacks, data, evaluation, export
-from sat_tf.config import AttackConfig, DataConfig
+from sat_tf import activations, attacks, data, evaluation, export, training
+from sat_tf.config import AttackConfig, DataConfig, Experiment, ModelConfig
 
 SIZE = 16
 CLASSES = 5
 CLI = str(pathlib.Path(sys.executable).parent / "saved_model_cli")
+EXPORT = str(pathlib.Path(__file__).resolve().parent.parent / "run" / "export.py")
 
 
 def tiny_model():
@@ -206,3 +216,282 @@ def test_saved_model_cli_show_and_run(exported, tmp_path):
     logits = np.load(tmp_path / "pixels" / "logits.npy")
     np.testing.assert_allclose(logits, model(x, training=False).numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(np.load(tmp_path / "pixels" / "classes.npy"), logits.argmax(-1))
+
+
+# ---- empty batches, non-finite pixels ------------------------------------------------------
+
+EMPTY_BATCHES = """
+import sys, tensorflow as tf
+loaded = tf.saved_model.load(sys.argv[1])
+a = loaded.signatures["serving_default"](images=tf.zeros([0, 16, 16, 3]))
+b = loaded.signatures["serving_encoded"](image_bytes=tf.constant([], tf.string))
+print([tuple(out[k].shape) for out in (a, b) for k in ("logits", "probabilities", "classes")])
+"""
+
+
+def test_empty_batches_give_empty_results(exported):
+    """Batches of 0 images (pixels, or an empty list of encoded images) give [0, classes]
+    logits, also with oneDNN's kernels (TF_ENABLE_ONEDNN_OPTS=1, the default on many CPUs),
+    whose batch norm fails on an empty batch ("Incompatible shapes: [6] vs. [0,16,16,3]")."""
+    _, path, served = exported
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_ENABLE_ONEDNN_OPTS="1")
+    onednn = subprocess.Popen([sys.executable, "-c", EMPTY_BATCHES, path], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    want = [(0, CLASSES), (0, CLASSES), (0,)] * 2
+    sigs = served.loaded.signatures
+    a = sigs["serving_default"](images=tf.zeros([0, SIZE, SIZE, 3]))
+    b = sigs["serving_encoded"](image_bytes=tf.constant([], tf.string))
+    assert [tuple(out[k].shape) for out in (a, b)
+            for k in ("logits", "probabilities", "classes")] == want
+    assert tuple(served(tf.zeros([0, SIZE, SIZE, 3])).shape) == (0, CLASSES)
+    out, err = onednn.communicate(timeout=180)
+    assert onednn.returncode == 0, err[-3000:]
+    assert out.strip() == str(want)
+
+
+def test_non_finite_pixels_are_refused(exported):
+    """NaN and +-inf would give NaN logits silently: refused with one clear message. Finite
+    values outside [0, 255] reach the model unchanged, as with the Keras model (the documented
+    choice: plots.loss_landscape evaluates exports beyond [0, 255])."""
+    model, _, served = exported
+    sig = served.loaded.signatures["serving_default"]
+    for value in (np.nan, np.inf, -np.inf):
+        x = pixels(2).numpy()
+        x[1, 3, 4, 2] = value
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=r"pixels must be finite values in \[0, 255\]"):
+            sig(images=x)
+        with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or infinite"):
+            served(tf.constant(x))
+    x = pixels(2).numpy()
+    x[0, :4] = -30.0
+    x[1, :4] = 300.0
+    np.testing.assert_allclose(sig(images=x)["logits"].numpy(),
+                               model(x, training=False).numpy(), rtol=1e-5, atol=1e-5)
+    checks = served.metadata["input_checks"]
+    assert "NaN or infinite" in checks["serving_default"]
+    assert "outside [0, 255] reach the model unchanged" in checks["serving_default"]
+
+
+# ---- decompression bombs and unsupported formats -------------------------------------------
+
+def huge_png(width, height):
+    """A 1-bit greyscale PNG of zero pixels, compressed row by row (never held whole): deflate
+    packs the rows ~1000:1, so 20000 x 20000 pixels (1.2 GB as RGB) take ~50 KB."""
+    def chunk(kind, body):
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body)))
+    z = zlib.compressobj(9)
+    row = b"\0" * (1 + (width + 7) // 8)      # filter byte + packed bits
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
+            + chunk(b"IEND", b""))
+
+
+def jpeg_claiming(width, height):
+    """A 16x16 JPEG whose frame header (SOF0) claims width x height."""
+    jpeg = bytearray(encode(np.full((16, 16, 3), 128, np.uint8), "JPEG"))
+    sof = jpeg.index(b"\xff\xc0")   # marker, length (2), precision (1), height (2), width (2)
+    jpeg[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(jpeg)
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def peak_rss_growth(fn):
+    """(bytes by which the peak resident memory exceeded the starting RSS while ``fn`` ran,
+    the exception it raised): resets the peak (VmHWM) through /proc/self/clear_refs first."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux's /proc/self/clear_refs to measure peak memory")
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    try:
+        fn()
+        error = None
+    except Exception as e:  # noqa: BLE001 - returned to the test
+        error = e
+    return (_status_kib("VmHWM") - before) * 1024, error
+
+
+def test_decompression_bomb_is_refused_before_decoding(exported):
+    """A ~50 KB PNG declaring 20000 x 20000 pixels (1.2 GB decoded as RGB) is refused from its
+    header: the peak memory of the request grows by far less than the decoded image. So is a
+    JPEG whose header claims the same size."""
+    _, _, served = exported
+    sig = served.loaded.signatures["serving_encoded"]
+    bomb = huge_png(20000, 20000)
+    assert len(bomb) < 64 * 1024
+    small = encode(np.zeros((48, 64, 3), np.uint8), "PNG")
+    sig(image_bytes=tf.constant([small]))       # warm up: first-call allocations don't count
+    growth, error = peak_rss_growth(lambda: sig(image_bytes=tf.constant([small, bomb])))
+    assert isinstance(error, tf.errors.InvalidArgumentError), error
+    assert re.search(r"serving_encoded: the image is 20000x20000 pixels \(width x height\), "
+                     r"more than the bound of 16777216 pixels", error.message), error.message
+    print(f"peak RSS growth refusing the 20000x20000 PNG ({len(bomb)} bytes): "
+          f"{growth / 2**20:.1f} MiB")
+    assert growth < 100 * 2**20, growth      # decoding it would take > 1200 MiB
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"the image is 30000x20000 pixels"):
+        sig(image_bytes=tf.constant([jpeg_claiming(30000, 20000)]))
+    meta = served.metadata
+    assert meta["max_encoded_pixels"] == export.MAX_ENCODED_PIXELS == 4096 * 4096
+    assert meta["encoded_formats"] == ["JPEG", "PNG"]
+
+
+def test_the_pixel_bound_is_exact_and_other_formats_are_refused(exported):
+    """A 64x48 image (3072 pixels) passes a bound of 3072 and fails one of 3071; the size is
+    read from the header of both formats. GIF and BMP are refused by name: a GIF's decoded size
+    is not in a fixed header (all frames are decoded), so it cannot be bounded first."""
+    _, _, served = exported
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    for fmt in ("PNG", "JPEG"):
+        data = tf.constant(encode(image, fmt))
+        np.testing.assert_array_equal(export.encoded_image_size(data).numpy(), [48, 64])
+        np.testing.assert_array_equal(export.decode_and_preprocess(data, SIZE, 3072).numpy(),
+                                      export.decode_and_preprocess(data, SIZE).numpy())
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=r"the image is 64x48 pixels .* bound of 3071 pixels"):
+            export.decode_and_preprocess(data, SIZE, 3071)
+    sig = served.loaded.signatures["serving_encoded"]
+    for fmt in ("GIF", "BMP"):
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match="serving_encoded accepts JPEG and PNG images only"):
+            sig(image_bytes=tf.constant([encode(image, fmt)]))
+    for junk in (b"", b"\x89PNG", b"not an image at all, but long enough to read a header"):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="JPEG and PNG images only"):
+            sig(image_bytes=tf.constant([junk]))
+
+
+# ---- writing: all or nothing ---------------------------------------------------------------
+
+def tree(path):
+    """{relative path: sha256} of every file under ``path``."""
+    root = pathlib.Path(path)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_write_leaves_nothing_and_keeps_the_previous_export(exported, tmp_path,
+                                                                   monkeypatch):
+    """The SavedModel writer fails after writing most of the export (a full disk, simulated):
+    the error names the folder and the OS reason, no partial or hidden folder remains, and a
+    previous export being overwritten is byte for byte unchanged; so when the final rename
+    fails. A successful overwrite replaces it; a folder that is not an export is never
+    overwritten."""
+    model, path, _ = exported
+    previous = tmp_path / "previous"
+    shutil.copytree(path, previous)
+    before = tree(previous)
+    real_save = tf.saved_model.save
+
+    def full_disk(obj, export_dir, signatures=None, options=None):
+        real_save(obj, export_dir, signatures=signatures, options=options)
+        raise tf.errors.ResourceExhaustedError(
+            None, None, f"{export_dir}/saved_model.pb.tmp1234; No space left on device")
+
+    monkeypatch.setattr(tf.saved_model, "save", full_disk)
+    for target, overwrite in ((tmp_path / "new", False), (previous, True)):
+        with pytest.raises(export.ExportError) as e:
+            export.export_saved_model(model, str(target), overwrite=overwrite)
+        kept = ", the previous export is unchanged" if overwrite else ""
+        assert str(e.value) == (f"Could not write the export to {str(target)!r}: No space left "
+                                f"on device; nothing was left behind{kept}.")
+        assert sorted(os.listdir(tmp_path)) == ["previous"]
+        assert tree(previous) == before
+    monkeypatch.setattr(tf.saved_model, "save", real_save)
+
+    real_rename = tf.io.gfile.rename
+
+    def rename(src, dst, overwrite=False):
+        if src.endswith(os.sep + "export"):
+            raise PermissionError(13, "Permission denied", dst)
+        return real_rename(src, dst, overwrite=overwrite)
+
+    monkeypatch.setattr(tf.io.gfile, "rename", rename)
+    with pytest.raises(export.ExportError, match=r"Permission denied; nothing was left behind, "
+                                                 "the previous export is unchanged"):
+        export.export_saved_model(model, str(previous), overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["previous"] and tree(previous) == before
+    monkeypatch.setattr(tf.io.gfile, "rename", real_rename)
+
+    with pytest.raises(ValueError, match="not empty; choose a new one, or overwrite"):
+        export.export_saved_model(model, str(previous))
+    export.export_saved_model(model, str(previous), overwrite=True, metadata={"model": "again"})
+    assert sorted(os.listdir(tmp_path)) == ["previous"]
+    assert export.load(str(previous)).metadata["model"] == "again"
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "experiment.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds no sat_tf export"):
+        export.export_saved_model(model, str(tmp_path / "run"), overwrite=True)
+    assert os.listdir(tmp_path / "run") == ["experiment.json"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A training run's folder without training: experiment.json and a step-3 checkpoint of
+    an untrained wrn-10-1 (78k parameters) at 16x16."""
+    model_dir = tmp_path_factory.mktemp("run")
+    exp = Experiment(name="export-test",
+                     model=ModelConfig(name="wrn-10-1", activation="silu", image_size=16),
+                     data=DataConfig(synthetic_image_size=16), model_dir=str(model_dir))
+    (model_dir / training.EXPERIMENT_FILE).write_text(json.dumps(exp.to_dict()))
+    checkpoint = tf.train.Checkpoint(model=training.build_model(exp),
+                                     step=tf.Variable(3, dtype=tf.int64))
+    tf.train.CheckpointManager(checkpoint, str(model_dir), 1,
+                               checkpoint_name=training.CHECKPOINT_PREFIX).save(3)
+    return str(model_dir)
+
+
+def start_export(*args, file_size_limit=None):
+    """run/export.py in a subprocess; ``file_size_limit`` (bytes) makes every write beyond it
+    fail with EFBIG ("File too large"), as a full disk would, with SIGXFSZ ignored."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.Popen([sys.executable, EXPORT, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=limit if file_size_limit else None)
+
+
+def test_export_cli_write_failure_and_overwrite(run_dir, exported, tmp_path):
+    """run/export.py --overwrite over a previous export, in a subprocess whose files are capped
+    at 400 KiB: the weights (~320 KB) are written, saved_model.pb (~500 KB) fails partway. One
+    line names the folder and the OS reason, exit 1, no folder is left (hidden or not) and the
+    previous export is byte for byte unchanged. In parallel: a non-empty folder without
+    --overwrite, or one that is not an export even with it, is refused before TensorFlow is
+    imported (exit 2) and left alone. (A successful overwrite: the in-process test above.)"""
+    previous = tmp_path / "previous"
+    shutil.copytree(exported[1], previous)
+    before = tree(previous)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    model_dir = f"--model_dir={run_dir}"
+    procs = [start_export(model_dir, f"--export_dir={previous}", "--overwrite",
+                          file_size_limit=400 * 1024),
+             start_export(model_dir, f"--export_dir={other}"),
+             start_export(model_dir, f"--export_dir={other}", "--overwrite")]
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+
+    _, err, status = results[0]
+    assert status == 1, err[-3000:]
+    # (TensorFlow's C++ start-up lines may come first.)
+    assert "Traceback" not in err and err.count("export.py: error:") == 1, err[-3000:]
+    assert err.endswith(f"\nexport.py: error: Could not write the export to {str(previous)!r}: "
+                        "File too large; nothing was left behind, the previous export is "
+                        "unchanged.\n"), err[-3000:]
+    assert sorted(os.listdir(tmp_path)) == ["other", "previous"]
+    assert tree(previous) == before
+
+    for (_, err, status), message in zip(results[1:], ("is not empty; choose a new one, or "
+                                                       "overwrite it", "holds no sat_tf export")):
+        assert status == 2 and err.count("\n") == 1 and message in err, err
+    assert os.listdir(other) == ["notes.txt"]
