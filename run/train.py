@@ -74,6 +74,10 @@ _FLAGS = [
      "an error that names the file."),
     ("cache_eval", "bool", ("data.cache_eval",),
      "Keep the decoded evaluation images in memory after the first evaluation."),
+    ("synthetic_train_examples", "integer", ("data.synthetic_train_examples",),
+     "--dataset=synthetic: examples in the training split (default 1024)."),
+    ("synthetic_eval_examples", "integer", ("data.synthetic_eval_examples",),
+     "--dataset=synthetic: examples in the evaluation split (default 256)."),
     ("num_train_images", "integer", ("train.num_train_examples",),
      "Training-set size used for epochs and the schedule (default: the dataset's)."),
     # model_dir
@@ -149,12 +153,17 @@ _FLAGS = [
      "Split the CPU into N logical devices, so --strategy=mirrored runs N replicas on a "
      "CPU-only machine (testing)."),
     ("mixed_precision", "string", ("runtime.mixed_precision",),
-     f"Keras mixed-precision policy: {', '.join(MIXED_PRECISION)}."),
-    ("use_bfloat16", "bool", (), "The TPU code's flag: same as --mixed_precision=mixed_bfloat16."),
+     f"Keras mixed-precision policy: {', '.join(MIXED_PRECISION)} (auto: mixed_bfloat16 on a "
+     "TPU, as the TPU code trains; none elsewhere)."),
+    ("use_bfloat16", "bool", (), "The TPU code's flag: --use_bfloat16 is "
+     "--mixed_precision=mixed_bfloat16, --nouse_bfloat16 is --mixed_precision=none."),
     ("jit_compile", "bool", ("runtime.jit_compile",),
      "Compile the attack + forward + backward with XLA."),
     ("deterministic", "bool", ("runtime.deterministic",),
      "Enable TensorFlow op determinism (bitwise-reproducible runs, slower)."),
+    ("peer_timeout_seconds", "float", ("runtime.peer_timeout_seconds",),
+     "multi_worker: how long each worker waits at start-up for all workers of TF_CONFIG's "
+     "cluster before failing (default 900)."),
 ]
 _ALIASES = {"moving_average_decay": "ema_decay", "iterations_per_loop": "steps_per_loop",
             "train_batch": "train_batch_size"}
@@ -213,11 +222,12 @@ def experiment_from_flags() -> Experiment:
         overrides["train.train_epochs"] = None
     if _given("train_epochs") is not None:
         overrides["train.train_steps"] = None
-    if _given("use_bfloat16"):
-        if _given("mixed_precision") not in (None, "mixed_bfloat16"):
-            raise ValueError("--use_bfloat16 contradicts --mixed_precision="
-                             f"{_given('mixed_precision')}.")
-        overrides["runtime.mixed_precision"] = "mixed_bfloat16"
+    if _given("use_bfloat16") is not None:
+        policy = "mixed_bfloat16" if _given("use_bfloat16") else "none"
+        if _given("mixed_precision") not in (None, policy):
+            raise ValueError(f"--{'' if _given('use_bfloat16') else 'no'}use_bfloat16 "
+                             f"contradicts --mixed_precision={_given('mixed_precision')}.")
+        overrides["runtime.mixed_precision"] = policy
     if _given("num_classes") is not None and (_given("dataset") or exp.data.dataset) == "synthetic":
         overrides["data.synthetic_num_classes"] = _given("num_classes")
     if _given("attack_epsilon") is not None:

@@ -6,6 +6,9 @@
 * Problems with the user's input found while running (a data folder without shards, a corrupt
   record, a dataset that cannot be downloaded, a checkpoint that does not exist) exit with
   status 1 and one line naming what was wrong: :func:`run` catches them around ``main``.
+  So does a missing or wrong TensorFlow build (:mod:`sat_tf.install`), with the pip command
+  that fixes it. So does a multi-worker run whose peer worker stopped or never started
+  (:func:`_lost_peer`).
   Anything else is a bug in sat-tf and keeps its traceback; so does everything when the
   environment variable ``SAT_TF_TRACEBACK=1`` is set.
 
@@ -13,10 +16,14 @@ This module reads no flags itself and imports no TensorFlow.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 
 from absl import app, flags
+
+from sat_tf import install
 
 
 def fail(program: str, message: str, status: int = 2):
@@ -26,12 +33,81 @@ def fail(program: str, message: str, status: int = 2):
     sys.exit(status)
 
 
+_TASK = re.compile(r"/job:(\w+)/replica:\d+/task:(\d+)")
+# (text in TensorFlow's message, lower case; the short reason shown): the first match wins.
+_PEER_REASONS = (
+    ("wait_for_all_tasks_to_register", "not running within --peer_timeout_seconds"),
+    ("registertask", "not reachable within --peer_timeout_seconds"),
+    ("incarnation", "it restarted alone"),
+    ("heartbeat", "heartbeat lost"),
+    ("connection reset", "connection reset"),
+    ("socket closed", "connection closed"),
+    ("connection refused", "connection refused"),
+    ("failed to connect", "connection failed"),
+)
+
+
+def _lost_peer(e: BaseException, tf) -> str | None:
+    """The one-line message for a multi-worker error caused by another worker that stopped
+    (killed, crashed, machine lost) or never started, else None.
+
+    TensorFlow reports these as Unavailable / DeadlineExceeded / Aborted / Cancelled /
+    Internal errors of the coordination service or of a collective op, naming the other task
+    (``/job:worker/replica:0/task:1``); the worker's address comes from ``TF_CONFIG``.
+    """
+    kinds = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+             tf.errors.AbortedError, tf.errors.CancelledError)
+    if not isinstance(e, kinds + (tf.errors.InternalError,)):
+        return None
+    try:
+        config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+        cluster, task = config.get("cluster") or {}, config.get("task") or {}
+        own = (task.get("type"), int(task.get("index", 0)))
+    except (ValueError, TypeError, AttributeError):
+        return None
+    if sum(len(v) for v in cluster.values() if isinstance(v, list)) < 2:
+        return None
+    message = getattr(e, "message", None) or str(e)
+    lower = message.lower()
+    peers = [(job, int(i)) for job, i in _TASK.findall(message) if (job, int(i)) != own]
+    # A failed call to the coordination service (e.g. a heartbeat) that names no task: the
+    # service's host, the leader (chief 0, else worker 0), is the one lost.
+    leader = ("chief", 0) if "chief" in cluster else ("worker", 0)
+    if not peers and "/tensorflow.CoordinationService/" in message and own != leader:
+        peers = [leader]
+    # The coordination service's own errors; an Internal error is a peer's only with these
+    # (a collective op can fail with Internal errors for other reasons: bugs keep tracebacks).
+    service = any(m in lower for m in ("coordination", "heartbeat", "barrier"))
+    if not (service or (peers and isinstance(e, kinds))):
+        return None
+    reason = next((short for text, short in _PEER_REASONS if text in lower), None)
+    if reason is None:
+        lines = [line.strip() for line in message.splitlines() if line.strip()
+                 and not line.startswith(("Graph execution error", "Detected at node"))
+                 and not line.strip().startswith("File ")]
+        reason = (lines[0] if lines else type(e).__name__)[:120]
+    who = "a worker of the cluster"
+    if peers:
+        job, i = peers[0]
+        addresses = cluster.get(job) or []
+        where = f" ({addresses[i]})" if i < len(addresses) else ""
+        who = f"{job} {i} of the cluster{where}"
+    return (f"{who} stopped or never started ({reason}); restart every worker with the same "
+            "command to resume from the last checkpoint.")
+
+
 def _user_error(e: BaseException) -> str | None:
     """The one-line message for an error caused by the user's input, else None."""
+    if isinstance(e, install.TensorFlowInstallError):
+        return str(e)
+    if isinstance(e, ModuleNotFoundError) and e.name == "tensorflow":
+        return install.missing_tensorflow_message()
     if isinstance(e, (ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
                       ConnectionError)):
         return str(e)
     tf = sys.modules.get("tensorflow")
+    if tf is not None and (lost := _lost_peer(e, tf)) is not None:
+        return lost
     if tf is not None and isinstance(e, (tf.errors.NotFoundError, tf.errors.InvalidArgumentError,
                                          tf.errors.DataLossError,
                                          tf.errors.PermissionDeniedError)):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,9 +31,10 @@ STEMS = ("imagenet", "cifar")
 OPTIMIZERS = ("sgd_nesterov", "sgd", "rmsprop", "adam")
 LR_SCHEDULES = ("step", "cosine", "exponential", "constant")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
-MIXED_PRECISION = ("none", "mixed_bfloat16", "mixed_float16")
+MIXED_PRECISION = ("auto", "none", "mixed_bfloat16", "mixed_float16")
 ATTACK_MODES = ("untargeted", "targeted")
 RESUME_INPUT = ("restart", "skip")
+WEIGHT_DECAY_SCOPES = ("kernels", "non_bn")
 
 
 def _choice(what: str, value, choices) -> None:
@@ -40,11 +42,34 @@ def _choice(what: str, value, choices) -> None:
         raise ValueError(f"Invalid {what} {value!r}; valid choices: {', '.join(map(str, choices))}.")
 
 
+MAX_COUNT = 2**31 - 1   # steps, batches, examples...: TensorFlow counts them in int32 or int64
+MAX_SEED = 2**32 - 1    # NumPy's and Keras' seeds are 32-bit unsigned
+
+
 def _positive(what: str, value, allow_zero: bool = False) -> None:
-    ok = value is not None and (value >= 0 if allow_zero else value > 0)
+    """``value`` > 0 (or >= 0), and finite; an integer also at most :data:`MAX_COUNT`."""
+    bound = ">= 0" if allow_zero else "> 0"
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and (value >= 0 if allow_zero else value > 0))
+    if ok and isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"Invalid {what} {value!r}; it must be a finite number {bound}.")
+    if ok and isinstance(value, int) and value > MAX_COUNT:
+        raise ValueError(f"Invalid {what} {value!r}; it must be at most {MAX_COUNT}.")
     if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"Invalid {what} {value!r}; it must be {bound}.")
+
+
+def _fraction(what: str, value, *, closed: bool = False) -> None:
+    """``value`` in [0, 1) (or [0, 1] when ``closed``)."""
+    ok = isinstance(value, (int, float)) and (0.0 <= value <= 1.0 if closed
+                                              else 0.0 <= value < 1.0)
+    if not ok:
+        raise ValueError(f"Invalid {what} {value!r}; it must be in [0, {'1]' if closed else '1)'}.")
+
+
+def _seed(what: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
+        raise ValueError(f"Invalid {what} {value!r}; it must be an integer in [0, {MAX_SEED}].")
 
 
 @dataclass
@@ -107,6 +132,7 @@ class DataConfig:
             _choice("data source", self.source, DATA_SOURCES)
         _choice("augmentation", self.augment, AUGMENTATIONS)
         _choice("cifar_padding", self.cifar_padding, CIFAR_PADDINGS)
+        _seed("data seed", self.seed)
         _positive("shuffle_buffer", self.shuffle_buffer)
         _positive("num_parallel_reads", self.num_parallel_reads)
         _positive("randaugment_layers", self.randaugment_layers, allow_zero=True)
@@ -170,7 +196,11 @@ class TrainConfig:
     decay_factor: float = 0.1              # "step": multiply at each boundary
     decay_epochs: float = 2.4              # "exponential": every decay_epochs ...
     decay_rate: float = 0.97               # ... multiply by decay_rate
-    weight_decay: float = 1e-4             # wd * 0.5 * sum(w^2) over non-batch-norm weights
+    weight_decay: float = 1e-4             # wd * 0.5 * sum(w^2) over the weights of ...
+    # ... weight_decay_scope: "kernels", the convolution and dense kernels only (the SAT
+    # release's ResNet, tensorpack's ".*/W": no biases, no SmoothReLU beta); "non_bn", every
+    # trainable weight outside batch normalization (the TPU EfficientNet code).
+    weight_decay_scope: str = "non_bn"
     label_smoothing: float = 0.1
     ema_decay: float | None = None         # e.g. 0.9999; None: no EMA
     optimizer_backward: str | None = None  # Table 1: the optimizer's backward rule (None: natural)
@@ -202,6 +232,7 @@ class TrainConfig:
         _positive("base learning rate", self.base_learning_rate)
         _positive("warmup_epochs", self.warmup_epochs, allow_zero=True)
         _positive("weight_decay", self.weight_decay, allow_zero=True)
+        _choice("weight_decay_scope", self.weight_decay_scope, WEIGHT_DECAY_SCOPES)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"Invalid label_smoothing {self.label_smoothing!r}; it must be in [0, 1).")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
@@ -217,7 +248,8 @@ class TrainConfig:
             _positive("eval batch size", self.eval_batch_size)
         if self.num_train_examples is not None:
             _positive("num_train_examples", self.num_train_examples)
-        _positive("momentum", self.momentum, allow_zero=True)
+        _fraction("momentum", self.momentum)
+        _seed("seed", self.seed)
         if not 0.0 <= self.rmsprop_decay < 1.0:
             raise ValueError(f"Invalid rmsprop_decay {self.rmsprop_decay!r}; it must be in [0, 1).")
         _positive("optimizer epsilon", self.optimizer_epsilon)
@@ -242,13 +274,25 @@ class RuntimeConfig:
     devices: tuple[str, ...] | None = None  # mirrored: explicit devices, e.g. ("/gpu:0", "/gpu:1")
     logical_cpus: int | None = None        # split the CPU into N logical devices (CPU testing of
                                            # multi-replica strategies); before TF starts its devices
-    mixed_precision: str = "none"
+    mixed_precision: str = "auto"          # "auto": mixed_bfloat16 on a TPU (as the TPU code
+                                           # trains), else none (float32)
     jit_compile: bool = False
     deterministic: bool = False            # tf.config.experimental.enable_op_determinism
+    peer_timeout_seconds: float = 900.0    # multi_worker: how long workers wait for each other
+                                           # at start-up before failing
+
+    def precision_policy(self) -> str:
+        """The Keras mixed-precision policy name: ``mixed_precision`` with "auto" resolved."""
+        if self.mixed_precision == "auto":
+            return "mixed_bfloat16" if self.tpu else "float32"
+        return "float32" if self.mixed_precision == "none" else self.mixed_precision
 
     def validate(self) -> None:
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("mixed precision policy", self.mixed_precision, MIXED_PRECISION)
+        if self.tpu and self.mixed_precision == "mixed_float16":
+            raise ValueError("Invalid mixed precision policy 'mixed_float16' with a TPU (TPUs "
+                             "compute in bfloat16); valid choices: auto, mixed_bfloat16, none.")
         if self.strategy == "tpu" and not self.tpu:
             raise ValueError("strategy 'tpu' needs a TPU name, address or 'local'.")
         if self.num_gpus is not None:
@@ -264,6 +308,7 @@ class RuntimeConfig:
         if self.tpu and self.strategy not in ("default", "tpu"):
             raise ValueError(f"tpu={self.tpu!r} needs strategy 'tpu' (or 'default'), not "
                              f"{self.strategy!r}.")
+        _positive("peer_timeout_seconds", self.peer_timeout_seconds)
 
 
 @dataclass
@@ -276,7 +321,7 @@ class EvalConfig:
     attack_restarts: int = 1
     attack_modes: tuple[str, ...] = ("untargeted",)
     random_start: bool = True
-    global_batch_size: int = 100
+    global_batch_size: int | None = None   # None: 128 rounded up to a multiple of the replicas
     use_ema: bool = True                   # evaluate EMA weights when the run kept them
     sanity_epsilon: float | None = 64.0    # extra PGD-20 at this epsilon: must reach ~0 (None: off)
     max_batches: int | None = None         # None: the whole validation split
@@ -297,11 +342,13 @@ class EvalConfig:
             raise ValueError(f"Invalid attack modes (); valid choices: {', '.join(ATTACK_MODES)}.")
         for m in self.attack_modes:
             _choice("attack mode", m, ATTACK_MODES)
-        _positive("eval batch size", self.global_batch_size)
+        if self.global_batch_size is not None:
+            _positive("eval batch size", self.global_batch_size)
         if self.sanity_epsilon is not None:
             _positive("sanity-check epsilon", self.sanity_epsilon)
         if self.max_batches is not None:
             _positive("max_batches", self.max_batches)
+        _seed("evaluation seed", self.seed)
 
 
 @dataclass
@@ -325,7 +372,28 @@ class Experiment:
         for section in (self.model, self.data, self.train_attack, self.eval_attack,
                         self.train, self.runtime, self.evaluation):
             section.validate()
+        self._check_remote_tpu_paths()
         return self
+
+    def _check_remote_tpu_paths(self) -> None:
+        """A TPU reached by name (a pod, or a TPU VM seen from elsewhere) runs the input
+        pipelines and checkpoint writes on its own hosts, which cannot see this machine's
+        disk: data and model_dir must be in a bucket. ``tpu="local"`` (the TPU VM this runs
+        on) may use local paths."""
+        tpu = self.runtime.tpu
+        if not tpu or tpu == "local":
+            return
+        if self.model_dir and not self.model_dir.startswith("gs://"):
+            raise ValueError(
+                f"Invalid model_dir {self.model_dir!r} for TPU {tpu!r}: the TPU hosts write "
+                "the checkpoints, so it must be a gs:// path (local paths only with tpu "
+                "'local', on a single TPU VM).")
+        if self.data.dataset != "synthetic" and not (self.data.data_dir or "").startswith(
+                "gs://"):
+            raise ValueError(
+                f"Invalid data_dir {self.data.data_dir!r} for TPU {tpu!r}: the TPU hosts read "
+                "the data (and TFDS prepares it there), so it must be a gs:// path (local paths "
+                "only with tpu 'local', on a single TPU VM).")
 
     def replace(self, **overrides) -> "Experiment":
         """A deep copy with dotted-path overrides: ``exp.replace(**{"model.activation": "silu"})``."""

@@ -5,7 +5,8 @@
 
 The same training code runs under every strategy: ``tpu`` (a TPU VM, ``local``, or a named
 TPU / pod), ``mirrored`` (the GPUs of one machine; on a CPU-only machine split into logical
-CPUs, every logical CPU), ``multi_worker`` (MultiWorkerMirroredStrategy from ``TF_CONFIG``),
+CPUs, every logical CPU), ``multi_worker`` (MultiWorkerMirroredStrategy from ``TF_CONFIG``,
+with time limits on missing peers: :func:`configure_coordination_service`),
 ``one_device`` and ``default``.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import itertools
 import keras
 import tensorflow as tf
 
+from sat_tf import install
 from sat_tf.config import RuntimeConfig
 
 
@@ -43,8 +45,7 @@ def configure(runtime: RuntimeConfig, *, seed: int | None = None) -> None:
     and op determinism (with ``seed`` for Python, NumPy and TensorFlow's global RNGs)."""
     if runtime.logical_cpus is not None:
         split_cpu(runtime.logical_cpus)
-    policy = "float32" if runtime.mixed_precision == "none" else runtime.mixed_precision
-    keras.mixed_precision.set_global_policy(policy)
+    keras.mixed_precision.set_global_policy(runtime.precision_policy())
     if runtime.deterministic:
         if seed is not None:
             keras.utils.set_random_seed(seed)
@@ -85,7 +86,50 @@ class _MirroredStrategy(tf.distribute.MirroredStrategy):
         super().__init__(devices)
 
 
+HEARTBEAT_TIMEOUT_SECONDS = 10   # a worker silent this long counts as dead (TensorFlow's default)
+
+
+def configure_coordination_service(runtime: RuntimeConfig) -> None:
+    """Sets up TensorFlow's coordination service as MultiWorkerMirroredStrategy would (same
+    service type, leader and jobs, from ``TF_CONFIG``), with time limits.
+
+    MultiWorkerMirroredStrategy configures the service only when nobody did, and without a
+    registration timeout: a worker whose peers never start waits forever. Here every worker
+    fails once its peers have not all registered within ``runtime.peer_timeout_seconds``;
+    once running, a worker whose heartbeat stops for ``HEARTBEAT_TIMEOUT_SECONDS`` (killed,
+    machine lost) makes every other worker fail (a closed connection often sooner). The
+    errors are TensorFlow's (DeadlineExceeded at start-up, Unavailable later);
+    ``sat_tf.cli`` turns them into one line naming the worker. No-op without a cluster in
+    ``TF_CONFIG`` (one worker) or when the service is already configured.
+    """
+    # The CoordinatedJob proto from where MultiWorkerMirroredStrategy takes it (it has moved
+    # between TensorFlow versions).
+    from tensorflow.python.distribute import collective_all_reduce_strategy as mwms
+    from tensorflow.python.distribute import multi_worker_util
+    from tensorflow.python.eager import context
+
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    cluster = resolver.cluster_spec()
+    jobs = [j for j in ("chief", "worker") if j in cluster.jobs]
+    if (not cluster.as_dict() or resolver.task_type not in jobs
+            or context.context().coordination_service is not None):
+        return
+    context.context().configure_coordination_service(
+        service_type="standalone",
+        service_leader=multi_worker_util.coordination_leader(cluster),
+        coordinated_jobs=[mwms.coordination_config_pb2.CoordinatedJob(
+            name=j, num_tasks=cluster.num_tasks(j)) for j in jobs],
+        cluster_register_timeout_in_ms=int(min(runtime.peer_timeout_seconds, 1e9) * 1000),
+        heartbeat_timeout_in_ms=HEARTBEAT_TIMEOUT_SECONDS * 1000)
+    # The leader applies the registration timeout only to a registration barrier; without it
+    # the leader waits (an hour) for the others' devices instead.
+    config = context.context().coordination_service
+    if "cluster_register_with_barrier" in config.DESCRIPTOR.fields_by_name:
+        config.cluster_register_with_barrier = True
+
+
 def _tpu_strategy(tpu: str) -> tf.distribute.Strategy:
+    install.check_tpu_build()  # another build fails in one line here, not "TPUs not found"
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
     if tpu != "local":  # a TPU VM reaches its chips directly
         tf.config.experimental_connect_to_cluster(resolver)
@@ -108,6 +152,7 @@ def strategy_from_config(runtime: RuntimeConfig, *, seed: int | None = None
     if name == "mirrored":
         return _MirroredStrategy(mirrored_devices(runtime))
     if name == "multi_worker":
+        configure_coordination_service(runtime)
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "one_device":
         if runtime.devices:
@@ -118,6 +163,20 @@ def strategy_from_config(runtime: RuntimeConfig, *, seed: int | None = None
             device = "/gpu:0" if _has_gpu() else "/cpu:0"
         return tf.distribute.OneDeviceStrategy(device)
     return tf.distribute.get_strategy()
+
+
+DEFAULT_EVAL_BATCH_SIZE = 128
+
+
+def eval_batch_size(requested: int | None, strategy: tf.distribute.Strategy) -> int:
+    """The global evaluation batch: ``requested`` (which must divide evenly over the
+    replicas), else 128 rounded up to a multiple of the replica count (8 on a v3-8, 256 on
+    a 256-chip pod slice), so the default fits every strategy."""
+    if requested is not None:
+        per_replica_batch_size(requested, strategy, what="eval batch size")
+        return requested
+    n = strategy.num_replicas_in_sync
+    return -(-DEFAULT_EVAL_BATCH_SIZE // n) * n
 
 
 def per_replica_batch_size(global_batch_size: int, strategy: tf.distribute.Strategy,
