@@ -185,10 +185,25 @@ def test_randaugment_pipeline(tree):
     np.testing.assert_array_equal(x.numpy(), np.round(x.numpy()))
 
 
-def test_cache_eval_gives_the_same_pass_twice(tree):
-    ds = data_lib.build_dataset(_cfg(tree[0], cache_eval=True), split="eval", batch_size=8,
-                                image_size=SIZE)
-    assert _eval_examples(ds) == _eval_examples(ds)
+@pytest.mark.parametrize("cache_eval", [False, True])
+def test_cache_eval_reads_the_shards_once(tree, tmp_path, cache_eval):
+    """With cache_eval the second pass comes from memory: it is the first pass exactly, even
+    with the shards overwritten by zeros. Without it the second pass reads the files again
+    and reports them corrupt."""
+    for name in os.listdir(tree[0]):
+        if name.startswith("validation-"):
+            shutil.copy(os.path.join(tree[0], name), tmp_path / name)
+    ds = data_lib.build_dataset(_cfg(str(tmp_path), cache_eval=cache_eval), split="eval",
+                                batch_size=8, image_size=SIZE)
+    first = _eval_examples(ds)
+    assert first == _eval_examples(ds) and len(first) == NUM_CLASSES * VAL_PER_CLASS
+    for shard in tmp_path.glob("validation-*"):
+        shard.write_bytes(bytes(shard.stat().st_size))
+    if cache_eval:
+        assert _eval_examples(ds) == first
+    else:
+        with pytest.raises(tf.errors.InvalidArgumentError, match="Corrupt record"):
+            _eval_examples(ds)
 
 
 def _example(jpeg, label):
@@ -320,3 +335,17 @@ def test_failures_in_a_long_run_and_at_the_end_are_counted(monkeypatch, capfd):
     tail = ds.take(1).concatenate(ds.skip(5))                    # only the last one fails
     with pytest.raises(tf.errors.InvalidArgumentError, match="record 5 of a"):
         list(pipeline.decode_reporting_corrupt(tail, fn, skip_corrupt=False))
+
+
+def test_a_shard_deleted_after_listing_is_named_not_retried_forever(tree, tmp_path):
+    """TFRecordDataset(...).ignore_errors() on a missing file retries without end; the reader
+    checks the file exists and reports it as unreadable at record 0."""
+    for name in os.listdir(tree[0]):
+        if name.startswith("validation-"):
+            shutil.copy(os.path.join(tree[0], name), tmp_path / name)
+    ds = data_lib.build_dataset(_cfg(str(tmp_path)), split="eval", batch_size=8,
+                                image_size=SIZE)
+    gone = sorted(tmp_path.glob("validation-*"))[1]
+    gone.unlink()
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"record 0 of .*{gone.name}"):
+        _eval_examples(ds)

@@ -164,7 +164,12 @@ def _read_file(filename, size):
     # TFRecordDataset stops a file at its first unreadable record and, under ignore_errors,
     # goes on silently. Counting the bytes of the records read tells whether it reached the
     # end: if not, a marker element (readable=False) reports where it stopped.
-    records = tf.data.TFRecordDataset(filename, buffer_size=_READ_BUFFER_BYTES).ignore_errors()
+    # A file gone since it was listed would make the reader under ignore_errors retry
+    # forever: read it only if it exists, so a missing file reads as unreadable at record 0.
+    exists = tf.size(tf.io.matching_files(filename)) > 0
+    records = tf.data.Dataset.from_tensors(exists).filter(lambda e: e).flat_map(
+        lambda _: tf.data.TFRecordDataset(filename, buffer_size=_READ_BUFFER_BYTES)
+        .ignore_errors())
     end = tf.data.Dataset.from_tensors((tf.constant(b""), False))
     marked = records.map(lambda r: (r, True)).concatenate(end)
 
