@@ -211,6 +211,28 @@ def test_surgery_in_bfloat16_is_finite_and_close():
            rtol=1e-2, atol=1e-2)
 
 
+# Multiples of 1/32 in [-4, 4): exact in bfloat16 (8 significant bits).
+BF16_X = np.arange(-4.0, 4.0, 1.0 / 32.0)
+
+
+@pytest.mark.parametrize("rule", activations.BACKWARD_RULES)
+def test_bfloat16_backward_rules_are_computed_in_float32(rule):
+    """The surrogate derivative for a bfloat16 input is f'(x) computed in float32 and rounded
+    once to bfloat16: within half a bfloat16 unit (2**-9 relative) of the float64 truth.
+    Computed in bfloat16 itself, sigmoid(10 x) (10 x rounded to 8 bits), 1 - t**2, x (1 - s)
+    and the like are off by several units (e.g. silu'(-4) = -3.4e-4 becomes 0)."""
+    x = tf.constant(BF16_X, tf.bfloat16)
+    np.testing.assert_array_equal(tf.cast(x, tf.float64).numpy(), BF16_X)
+    with backward_rule(rule):
+        _, dy = _value_and_grad(Activation("relu", dtype="bfloat16"), x)
+    assert dy.dtype == tf.bfloat16
+    truth = _slope(rule, BF16_X)
+    error = np.abs(tf.cast(dy, tf.float64).numpy() - truth)
+    bound = 2.0**-8 * np.abs(truth) + 1e-6      # + float32's sigmoid(-38) = 0, not 3e-17
+    worst = int(np.argmax(error / bound))
+    assert np.all(error <= bound), (BF16_X[worst], truth[worst], error[worst])
+
+
 def test_surgery_on_smooth_relu_keeps_the_true_beta_gradient():
     layer = Activation("smooth_relu")
     x = tf.constant(X)

@@ -161,13 +161,33 @@ def test_attack_leaves_batch_norm_statistics_and_weights_unchanged(trained):
         np.testing.assert_array_equal(b, w.numpy())
 
 
+class Probe(keras.layers.Layer):
+    """The identity, keeping the last batch it saw: what a forward pass computed there."""
+
+    def __init__(self, shape, **kwargs):
+        super().__init__(**kwargs)
+        self.shape = tuple(shape)
+
+    def build(self, input_shape):
+        self.seen = self.add_weight(shape=self.shape, initializer="zeros", trainable=False,
+                                    name="seen")
+
+    def call(self, x):
+        self.seen.assign(x)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
 def test_attacker_backward_rule_changes_gradients_not_forward():
     """Table 1 wiring: ReLU forward, parametric-softplus backward for the attacker only."""
     keras.utils.set_random_seed(1)
     inp = keras.Input((8, 8, 3))
     h = keras.layers.Rescaling(1 / 255.0, offset=-0.5)(inp)  # pre-activations near 0
-    h = keras.layers.Conv2D(4, 3)(h)
+    h = keras.layers.Conv2D(4, 3, name="conv")(h)
     h = activations.Activation("relu")(h)
+    h = Probe((4, 6, 6, 4), name="probe")(h)
     h = keras.layers.Flatten()(h)
     model = keras.Model(inp, keras.layers.Dense(3)(h))
     x = tf.random.uniform([4, 8, 8, 3], 0, 255, seed=2)
@@ -177,6 +197,13 @@ def test_attacker_backward_rule_changes_gradients_not_forward():
     smooth = attacks.pgd(model, x, y, attack_cfg(epsilon=2.0, step_size=0.25, num_steps=2,
                                                  random_start=False, backward="parametric_softplus"))
     assert not np.array_equal(natural.numpy(), smooth.numpy())
+    # The attack's forward pass is still ReLU's: PGD-1 from x evaluates the model once, at x,
+    # and the probe after the activation saw relu(conv(x)).
+    attacks.pgd(model, x, y, attack_cfg(epsilon=2.0, step_size=0.25, num_steps=1,
+                                        random_start=False, backward="parametric_softplus"))
+    pre = keras.Model(model.input, model.get_layer("conv").output)(x).numpy()
+    assert (pre < 0).mean() > 0.2 and (pre > 0).mean() > 0.2        # the kink matters
+    np.testing.assert_array_equal(model.get_layer("probe").seen.numpy(), np.maximum(pre, 0.0))
     # The rule only lasts for the attack: the model's own forward/backward are untouched.
     assert activations.current_backward_rule() is None
 
@@ -216,3 +243,41 @@ def test_model_that_ignores_its_input_is_not_moved():
     constant = lambda images: tf.zeros([2, 3])
     adv = attacks.pgd(constant, x, tf.constant([0, 1]), attack_cfg(random_start=False))
     np.testing.assert_array_equal(adv.numpy(), x.numpy())
+
+
+# ---- mixed precision ---------------------------------------------------------------------------
+
+def _conv_net(policy):
+    """A conv net under a Keras dtype policy (float32 scaling and logits, as sat_tf.models)."""
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        inp = keras.Input((8, 8, 3))
+        x = keras.layers.Rescaling(2 / 255.0, offset=-1, dtype="float32")(inp)
+        x = keras.layers.Conv2D(6, 3, padding="same", name="conv")(x)
+        x = activations.Activation("silu")(x)
+        x = keras.layers.Flatten()(x)
+        return keras.Model(inp, keras.layers.Dense(5, dtype="float32")(x))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_pgd_moves_the_images_under_mixed_precision(policy):
+    """FGSM (PGD-1, no random start, step = epsilon) moves every pixel by +-epsilon along the
+    sign of the input gradient, also when the model computes in float16 / bfloat16: the signs
+    agree with the float32 twin's (same weights) but where the gradient is within rounding
+    of 0."""
+    keras.utils.set_random_seed(3)
+    reference = _conv_net("float32")
+    model = _conv_net(policy)
+    model.set_weights(reference.get_weights())
+    assert model.get_layer("conv").compute_dtype == policy.split("_")[1]
+    x = tf.random.stateless_uniform([16, 8, 8, 3], [1, 1], 4.0, 251.0)   # no clipping at 0, 255
+    y = tf.constant(np.arange(16) % 5, tf.int32)
+    cfg = AttackConfig(epsilon=4.0, step_size=4.0, num_steps=1, random_start=False,
+                       clean_start_prob=0.0)
+    expected = attacks.pgd(reference, x, y, cfg).numpy() - x.numpy()
+    moved = attacks.pgd(model, x, y, cfg).numpy() - x.numpy()
+    assert np.all(np.abs(np.abs(expected) - 4.0) < TOL)
+    assert np.mean(np.abs(np.abs(moved) - 4.0) < TOL) > 0.99, np.mean(moved == 0.0)
+    assert np.mean(np.sign(moved) == np.sign(expected)) > 0.9

@@ -72,3 +72,27 @@ def test_config_and_presets_import_without_tensorflow():
             "sat_tf.experiments.get('synthetic-smoke').validate();"
             "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("path,value,words", [
+    ("train.train_epochs", float("inf"), ["train_epochs inf", "finite number > 0"]),
+    ("train.warmup_epochs", float("inf"), ["warmup_epochs inf", "finite"]),
+    ("train.train_epochs", float("nan"), ["train_epochs nan", "> 0"]),
+    ("train_attack.epsilon", float("inf"), ["attack epsilon inf", "finite number >= 0"]),
+    ("evaluation.attack_steps", (10, 2**70), [str(2**70), "at most 2147483647"]),
+    ("train.train_steps", 2**63, ["train_steps", "at most"]),
+    ("train.seed", -1, ["seed -1", "[0, 4294967295]"]),
+    ("train.seed", 2**40, ["seed", "[0, 4294967295]"]),
+    ("data.seed", -3, ["data seed -3"]),
+    ("evaluation.seed", -1, ["evaluation seed -1"]),
+    ("train.momentum", 5.0, ["momentum 5.0", "[0, 1)"]),
+    ("train.momentum", -0.1, ["momentum -0.1"]),
+])
+def test_meaningless_numbers_are_refused_naming_the_field(path, value, words):
+    exp = experiments.get("synthetic-smoke").replace(**{path: value})
+    with pytest.raises(ValueError) as err:
+        exp.validate()
+    msg = str(err.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, msg

@@ -65,15 +65,16 @@ def test_eval_sharded_over_two_hosts(converted):
     assert parts[0] + parts[1] == collections.Counter(_truth_pairs(*truth["test"]))
 
 
-def _source_index(image, padded, flipped):
-    """Index of the padded source of which ``image`` is a 32x32 window (or None)."""
+def _source_window(image, padded, flipped):
+    """(index, dy, dx, mirrored) of the 32x32 window of a padded source (or of its mirror
+    image) that ``image`` is, or None."""
     for dy in range(9):
         for dx in range(9):
-            for candidates in (padded, flipped):
+            for mirrored, candidates in ((False, padded), (True, flipped)):
                 window = candidates[:, dy:dy + 32, dx:dx + 32]
                 hits = np.flatnonzero((window == image).all(axis=(1, 2, 3)))
                 if hits.size:
-                    return int(hits[0])
+                    return int(hits[0]), dy, dx, mirrored
     return None
 
 
@@ -87,16 +88,24 @@ def test_train_is_pad_crop_flip_of_the_train_split(converted, padding, np_mode):
     ds = data_lib.build_dataset(_cfg(data_dir, cifar_padding=padding, seed=5), split="train",
                                 batch_size=8)
     assert ds.element_spec[0].shape == (8, 32, 32, 3)
-    sources, moved = [], 0
+    sources, windows, moved = [], [], 0
     for x, y in ds.take(10):                                # 80 examples = 2 epochs
         for image, label in zip(x.numpy(), y.numpy()):
             assert image.dtype == np.float32 and np.array_equal(image, np.round(image))
-            i = _source_index(image.astype(np.uint8), padded, flipped)
-            assert i is not None and labels[i] == label
-            sources.append(i)
-            moved += not np.array_equal(image, images[i])
+            found = _source_window(image.astype(np.uint8), padded, flipped)
+            assert found is not None and labels[found[0]] == label
+            sources.append(found[0])
+            windows.append(found[1:])
+            moved += not np.array_equal(image, images[found[0]])
     assert sorted(sources[:40]) == list(range(40)) == sorted(sources[40:])   # whole epochs
     assert moved > 30
+    # Random flips and crops: among 80 draws, a fair coin lands outside [20, 60] with
+    # probability < 1e-5, and 81 equally likely offsets give ~50 distinct ones (< 20: ~0).
+    mirrored = sum(w[2] for w in windows)
+    assert 20 <= mirrored <= 60, mirrored
+    offsets = {w[:2] for w in windows}
+    assert len(offsets) >= 20 and len({dy for dy, _ in offsets}) > 1 and len(
+        {dx for _, dx in offsets}) > 1, offsets
 
 
 def test_train_deterministic_with_seed(converted):

@@ -50,9 +50,13 @@ def test_indivisible_global_batch_is_a_one_line_error():
 
 
 def test_logical_cpus_already_split_is_a_noop_and_resplit_is_a_clear_error():
+    # TensorFlow initialises its devices on first use: make sure it has (this test may run
+    # alone, before any other TensorFlow work), with conftest's 2 logical CPUs.
+    assert len(tf.config.list_logical_devices("CPU")) == 2
     distribute.split_cpu(2)  # conftest's split: nothing to do
     with pytest.raises(RuntimeError, match="already initialised"):
         distribute.split_cpu(3)
+    assert len(tf.config.list_logical_devices("CPU")) == 2
 
 
 def test_mixed_precision_policy_is_set():

@@ -81,6 +81,13 @@ def test_bad_flags_fail_fast_without_tensorflow(run_dir, tmp_path):
         (EVAL, [f"--model_dir={run_dir}", "--strategy=warp"], "Invalid strategy 'warp'"),
         (EVAL, [f"--model_dir={run_dir}", f"--checkpoint={run_dir}/ckpt-999"], "not found"),
         (EVAL, [f"--model_dir={run_dir}", "--attack_stepz=3"], "Unknown command line flag"),
+        (EVAL, [f"--model_dir={run_dir}", "--attack_steps=99999999999999999999"],
+         "at most 2147483647"),
+        (EVAL, [f"--model_dir={run_dir}", "--attack_epsilon=inf"], "finite number >= 0"),
+        (EVAL, [f"--model_dir={run_dir}", "--seed=-1"], "Invalid evaluation seed -1"),
+        (EVAL, [f"--model_dir={run_dir}", f"--report={tmp_path}"], "it is a folder"),
+        (EVAL, [f"--model_dir={run_dir}", f"--report={tmp_path}/no/such/r.json"],
+         "does not exist"),
         (EXPORT, [f"--model_dir={run_dir}"], "--export_dir is required"),
         (EXPORT, [f"--model_dir={run_dir}", f"--export_dir={run_dir}"], "not empty"),
     ]

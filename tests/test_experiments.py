@@ -1,6 +1,7 @@
 """The paper's experiments as presets: every one resolves, validates, builds its model, and
 records the paper's numbers from DESIGN.md §5."""
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -165,6 +166,111 @@ KNOWN_COUNTS = {  # DESIGN.md §5, 1000 classes
     "efficientnet-l1": 272_630_564,
 }
 
+# Independent truth for every preset: each architecture's parameter count written out here from
+# its published definition, checked against published counts below (and not against sat_tf).
+_RESNET_LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
+                  152: (3, 8, 36, 3)}
+_EFFICIENTNET = {  # width, depth (DESIGN.md §5)
+    "b0": (1.0, 1.0), "b1": (1.0, 1.1), "b2": (1.1, 1.2), "b3": (1.2, 1.4), "b4": (1.4, 1.8),
+    "b5": (1.6, 2.2), "b6": (1.8, 2.6), "b7": (2.0, 3.1), "l1": (3.9, 3.7)}
+_B0_BLOCKS = [  # repeats, kernel, stride, expansion, in, out; SE ratio 0.25 everywhere
+    (1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)]
+
+
+def _resnet_count(depth, classes, stem, groups=1, group_width=64, per_site=0):
+    """ResNet v1.5 / ResNeXt as torchvision builds them (bias-free convs, BN gamma and beta, fc
+    with bias), with ``per_site`` weights per activation call site (smooth_relu's beta)."""
+    k = 7 if stem == "imagenet" else 3
+    total, sites, inp = k * k * 3 * 64 + 2 * 64, 1, 64
+    for stage, blocks in enumerate(_RESNET_LAYERS[depth]):
+        planes = 64 * 2 ** stage
+        for b in range(blocks):
+            stride = 2 if stage > 0 and b == 0 else 1
+            if depth >= 50:      # bottleneck: 1x1, grouped 3x3, 1x1 (x4); 3 activations
+                width, out = planes * group_width // 64 * groups, planes * 4
+                total += inp * width + 9 * width * width // groups + width * out
+                total += 2 * (width + width + out)
+                sites += 3
+            else:                # basic: two 3x3; 2 activations
+                out = planes
+                total += 9 * inp * out + 9 * out * out + 2 * (out + out)
+                sites += 2
+            if stride != 1 or inp != out:
+                total += inp * out + 2 * out
+            inp = out
+    return total + inp * classes + classes + per_site * sites
+
+
+def _wrn_count(depth, k, classes, per_site=0):
+    """Wide-ResNet as TRADES builds it: pre-activation blocks (2 activations), a 1x1 shortcut
+    conv where the width changes, a final BN and activation."""
+    total, sites, inp = 9 * 3 * 16, 1, 16
+    for width in (16 * k, 32 * k, 64 * k):
+        for _ in range((depth - 4) // 6):
+            total += 2 * inp + 9 * inp * width + 2 * width + 9 * width * width
+            total += inp * width if inp != width else 0
+            sites += 2
+            inp = width
+    return total + 2 * inp + inp * classes + classes + per_site * sites
+
+
+def _round_filters(filters, width):
+    scaled = filters * width
+    new = max(8, int(scaled + 4) // 8 * 8)
+    return int(new + 8 if new < 0.9 * scaled else new)
+
+
+def _efficientnet_count(variant, classes):
+    """EfficientNet as the TPU builder makes it (MBConv blocks, SE width from the input)."""
+    width, depth = _EFFICIENTNET[variant]
+    stem = _round_filters(32, width)
+    total = 27 * stem + 2 * stem
+    for repeats, k, _, e, i, o in _B0_BLOCKS:
+        i, o = _round_filters(i, width), _round_filters(o, width)
+        for r in range(math.ceil(depth * repeats)):
+            inp = i if r == 0 else o
+            mid, se = inp * e, max(1, int(inp * 0.25))
+            total += inp * mid + 2 * mid if e != 1 else 0
+            total += k * k * mid + 2 * mid + (mid * se + se) + (se * mid + mid)
+            total += mid * o + 2 * o
+    head = _round_filters(1280, width)
+    return total + o * head + 2 * head + head * classes + classes
+
+
+def _reference_count(name, classes, activation, stem):
+    per_site = 1 if activation == "smooth_relu" else 0
+    family, args = names.model(name)
+    if family == "efficientnet":
+        assert per_site == 0
+        return _efficientnet_count(args["variant"], classes)
+    if family == "wrn":
+        return _wrn_count(args["depth"], args["width"], classes, per_site)
+    return _resnet_count(args["depth"], classes, stem, args.get("cardinality", 1),
+                         args.get("bottleneck_width", 64), per_site)
+
+
+def test_reference_counts_match_the_published_ones():
+    """torchvision's ResNets / ResNeXts, TRADES' WRN-34-10 and CIFAR ResNet-18, the Keras
+    EfficientNets' trainable parameters (B0, B7, L1: DESIGN.md §5)."""
+    published = {
+        ("resnet-18", 1000): 11_689_512, ("resnet-34", 1000): 21_797_672,
+        ("resnet-101", 1000): 44_549_160, ("resnet-152", 1000): 60_192_808,
+        ("resnext-50-32x4d", 1000): 25_028_904, ("resnext-101-32x8d", 1000): 88_791_336,
+        ("wrn-34-10", 10): 46_160_474, ("wrn-28-10", 10): 36_479_194,
+        ("efficientnet-b1", 1000): 7_794_184, ("efficientnet-b2", 1000): 9_109_994,
+        ("efficientnet-b3", 1000): 12_233_232, ("efficientnet-b4", 1000): 19_341_616,
+        ("efficientnet-b5", 1000): 30_389_784, ("efficientnet-b6", 1000): 43_040_704,
+        **{(name, 1000): n for name, n in KNOWN_COUNTS.items()}}
+    for (name, classes), n in published.items():
+        assert _reference_count(name, classes, "relu", "imagenet") == n, name
+    assert _reference_count("resnet-18", 10, "relu", "cifar") == 11_173_962   # kuangliu's
+    # smooth_relu: one beta per activation call site.
+    assert _reference_count("resnet-18", 10, "smooth_relu", "cifar") == 11_173_962 + 1 + 2 * 8
+    assert _reference_count("resnet-50", 1000, "smooth_relu", "imagenet") == (
+        25_557_032 + 1 + 3 * 16)
+    assert _reference_count("wrn-34-10", 10, "smooth_relu", None) == 46_160_474 + 2 * 15 + 1
+
 
 @pytest.mark.parametrize("name", PAPER_PRESETS)
 def test_every_preset_resolves_its_model(name):
@@ -186,8 +292,7 @@ def test_every_preset_resolves_its_model(name):
         assert spec.stem in (None, "cifar")
     count = models.count_params(m.name, num_classes, m.activation, image_size=image_size,
                                 stem=m.stem)
-    if m.name in KNOWN_COUNTS and m.activation != "smooth_relu":
-        assert count == KNOWN_COUNTS[m.name]
+    assert count == _reference_count(m.name, num_classes, m.activation, spec.stem), name
 
 
 def test_efficientnet_presets_use_the_table_resolution():

@@ -1,6 +1,7 @@
 """The model factory: argument errors, input scaling, outputs and gradients of every activation
 in every family, mixed precision, smooth_relu's weights, the backward rule through a whole
 model, configs and saving."""
+import contextlib
 import re
 
 import keras
@@ -140,13 +141,20 @@ def test_layers_are_named():
 
 # ---- mixed precision -------------------------------------------------------------------------
 
-@pytest.fixture
-def mixed_bfloat16():
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+@contextlib.contextmanager
+def _policy(name):
+    """The Keras global dtype policy ``name`` inside, float32 after (also on errors)."""
+    keras.mixed_precision.set_global_policy(name)
     try:
         yield
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.fixture
+def mixed_bfloat16():
+    with _policy("mixed_bfloat16"):
+        yield
 
 
 @pytest.mark.parametrize("family", ["resnet", "wrn", "efficientnet"])
@@ -163,7 +171,15 @@ def test_float32_logits_under_mixed_bfloat16(family, mixed_bfloat16):
     assert all(w.dtype == "float32" for w in model.weights)
 
 
-def test_policy_is_reset_after_the_mixed_test():
+def test_the_mixed_policy_is_reset_after_use_and_after_errors():
+    """What the mixed_bfloat16 fixture does around a test, checked in any test order."""
+    assert keras.mixed_precision.global_policy().name == "float32"
+    with _policy("mixed_bfloat16"):
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    assert keras.mixed_precision.global_policy().name == "float32"
+    with pytest.raises(RuntimeError, match="a failing test"):
+        with _policy("mixed_bfloat16"):
+            raise RuntimeError("a failing test")
     assert keras.mixed_precision.global_policy().name == "float32"
 
 

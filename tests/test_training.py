@@ -181,20 +181,57 @@ def _batch():
     return images, labels
 
 
+class Probe(keras.layers.Layer):
+    """The identity, keeping the last batch it saw: what a forward pass computed there."""
+
+    def __init__(self, shape, **kwargs):
+        super().__init__(**kwargs)
+        self.shape = tuple(shape)
+
+    def build(self, input_shape):
+        self.seen = self.add_weight(shape=self.shape, initializer="zeros", trainable=False,
+                                    name="seen")
+
+    def call(self, x):
+        self.seen.assign(x)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+def probed_net(num_classes, image_size):
+    """no_bn_net with a Probe on the activations of 8-image batches."""
+    inp = keras.Input((image_size, image_size, 3), name="images")
+    x = keras.layers.Rescaling(2.0 / 255.0, -1.0, name="scale")(inp)
+    x = keras.layers.Conv2D(6, 3, strides=2, padding="same", name="conv")(x)
+    x = activations.Activation("relu", name="act")(x)
+    x = Probe((8, image_size // 2, image_size // 2, 6), name="probe")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inp, keras.layers.Dense(num_classes, name="fc")(x), name="probed")
+
+
 def test_attacker_backward_changes_the_attack_not_the_forward(tmp_path):
+    """Table 1's attacker arm: the attack's forward pass is still ReLU's (the probe sees
+    relu(conv(x)) during PGD-1 from x), its gradient is not, and the weight update's loss and
+    gradients are those of the plain model."""
     images, labels = _batch()
     seed = tf.constant([0, 0], tf.int64)
-    advs = {}
+    advs, updates = {}, {}
     for rule in (None, "parametric_softplus"):
-        exp = experiment(tmp_path / str(rule), strategy="one_device")
+        exp = experiment(tmp_path / str(rule), strategy="one_device", global_batch_size=8)
         exp.train_attack = AttackConfig(epsilon=8.0, step_size=8.0, num_steps=1,
                                         random_start=False, clean_start_prob=0.0, backward=rule)
-        trainer = training.Trainer(exp, model_fn=no_bn_net, log=_silent)
+        trainer = training.Trainer(exp, model_fn=probed_net, log=_silent)
         advs[rule] = trainer.attack(images, labels, seed).numpy()
-        logits = trainer.model(images, training=False).numpy()
-        if rule is None:
-            ref_logits = logits
-    np.testing.assert_array_equal(logits, ref_logits)          # same weights, same forward
+        model = trainer.model
+        pre = keras.Model(model.input, model.get_layer("conv").output)(images).numpy()
+        assert (pre < 0).mean() > 0.2 and (pre > 0).mean() > 0.2     # ReLU's kink matters
+        np.testing.assert_array_equal(model.get_layer("probe").seen.numpy(), np.maximum(pre, 0))
+        loss, _, grads = trainer.loss_and_gradients(images, labels)
+        updates[rule] = [float(loss)] + [g.numpy() for g in grads]
+    for a, b in zip(updates[None], updates["parametric_softplus"]):
+        np.testing.assert_array_equal(a, b)                       # the optimizer's pass
     assert np.mean(advs[None] != advs["parametric_softplus"]) > 0.01   # different gradients
 
 
@@ -248,6 +285,55 @@ def test_weight_decay_and_bn_statistics_are_selected_by_layer_type():
                        "act/beta", "batch_norm_head/kernel", "batch_norm_head/bias"}
     assert {w.path for w in training.batch_norm_statistics(model)} == {
         "dense_like/moving_mean", "dense_like/moving_variance"}
+    # The release's ResNet decays only tensorpack's ".*/W": the conv and dense kernels.
+    kernels = {w.path for w in training.decayed_weights(model, "kernels")}
+    assert kernels == {"batch_normalization_conv/kernel", "batch_norm_head/kernel"}
+
+
+def test_resnet_recipe_decays_kernels_and_efficientnet_recipe_every_non_bn_weight():
+    from sat_tf import models, recipes
+    resnet = models.build_model("resnet-18", activation="smooth_relu", num_classes=10,
+                                image_size=32)
+    convs = [l for l in resnet._flatten_layers() if isinstance(l, keras.layers.Conv2D)]
+    dense = [l for l in resnet._flatten_layers() if isinstance(l, keras.layers.Dense)]
+    decayed = training.decayed_weights(resnet, recipes.resnet().weight_decay_scope)
+    assert len(decayed) == len(convs) + len(dense) == 21        # 20 convs (3 shortcuts) + fc
+    assert all(w.path.endswith("kernel") for w in decayed)
+    names = {w.path for w in decayed}
+    assert not any("beta" in n or "bias" in n or "gamma" in n for n in names)
+    smooth_betas = [w for w in resnet.trainable_weights if w.path.endswith("/beta")
+                    and "bn" not in w.path]
+    everything = training.decayed_weights(resnet, recipes.efficientnet().weight_decay_scope)
+    assert len(everything) == 21 + 1 + len(smooth_betas)          # + fc bias + SmoothReLU betas
+
+
+def biased_net(num_classes, image_size):
+    """no_bn_net with biases initialised to 1 (Keras' default 0 would hide a decayed bias)."""
+    inp = keras.Input((image_size, image_size, 3), name="images")
+    x = keras.layers.Rescaling(2.0 / 255.0, -1.0, name="scale")(inp)
+    x = keras.layers.Conv2D(6, 3, strides=2, padding="same", bias_initializer="ones",
+                            name="conv")(x)
+    x = activations.Activation("relu", name="act")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    out = keras.layers.Dense(num_classes, bias_initializer="ones", name="fc")(x)
+    return keras.Model(inp, out, name="biased")
+
+
+def test_the_trainer_decays_the_recipes_weights(tmp_path):
+    """The loss's weight decay term is wd/2 * sum of squares over exactly the recipe's set."""
+    images, labels = _batch()
+    out = {}
+    for scope in ("kernels", "non_bn"):
+        exp = experiment(tmp_path / scope, strategy="one_device", global_batch_size=8,
+                         weight_decay=0.5, weight_decay_scope=scope)
+        trainer = training.Trainer(exp, model_fn=biased_net, log=_silent)
+        loss, _, _ = trainer.loss_and_gradients(images, labels)
+        out[scope] = (float(loss), trainer.model)
+    model = out["kernels"][1]
+    biases = sum(float(np.sum(np.square(model.get_layer(n).bias))) for n in ("conv", "fc"))
+    assert biases == 6 + CLASSES
+    np.testing.assert_allclose(out["non_bn"][0] - out["kernels"][0], 0.5 * 0.5 * biases,
+                               rtol=1e-4)
 
 
 def test_ema_closed_form_covers_weights_and_bn_statistics():
@@ -484,3 +570,185 @@ def test_periodic_evaluation_is_traced_once(tmp_path):
     assert trainer._evaluator.tracing_count == 1
     assert trainer.evaluate()["examples"] == 32
     assert trainer._evaluator.tracing_count == 1
+
+
+# ---- issue 9: loss scaling, XLA, the EMA in the step and in evaluation, BN not decayed, ------
+# ---- per-step / per-replica attack seeds, the chief ------------------------------------------
+
+def test_mixed_float16_update_equals_the_float32_update(tmp_path):
+    """Loss scaling: under mixed_float16 the gradients are of the scaled loss and the
+    LossScaleOptimizer unscales them, so two steps move every weight as float32 does (an
+    unscaled loss would shrink the update by the initial scale, 2**15)."""
+    moved = {}
+    for policy in ("none", "mixed_float16"):
+        exp = experiment(tmp_path / policy, strategy="one_device", base_learning_rate=0.01)
+        exp.runtime.mixed_precision = policy
+        try:
+            trainer = training.Trainer(exp, model_fn=tiny_resnet, log=_silent)
+            before = [w.numpy() for w in trainer.model.trainable_weights]
+            trainer.run_steps(iter(trainer._train_dataset(0)), tf.constant(2))
+            moved[policy] = [w.numpy() - b for w, b in zip(trainer.model.trainable_weights, before)]
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+    assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert trainer.model.get_layer("stem").compute_dtype == "float16"
+    for f32, f16, w in zip(moved["none"], moved["mixed_float16"],
+                           trainer.model.trainable_weights):
+        assert np.abs(f32).max() > 1e-5, w.path              # the premise: every weight moved
+        np.testing.assert_allclose(f16, f32, rtol=0, atol=0.05 * np.abs(f32).max(),
+                                   err_msg=w.path)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_jit_compile_marks_the_step_for_xla(tmp_path, jit):
+    """RuntimeConfig.jit_compile: the traced training loop calls the attack-forward-backward
+    function through a call marked ``_XlaMustCompile`` (what tf.function(jit_compile=True)
+    emits); without it nothing in the loop is marked."""
+    exp = experiment(tmp_path, strategy="one_device")
+    exp.runtime.jit_compile = jit
+    trainer = training.Trainer(exp, model_fn=no_bn_net, log=_silent)
+    graph = trainer.run_steps.get_concrete_function(
+        iter(trainer._train_dataset(0)), tf.constant(1)).graph.as_graph_def()
+    marked = [f.signature.name for f in graph.library.function if f.attr["_XlaMustCompile"].b]
+    calls = [n.op for f in graph.library.function for n in f.node_def
+             if n.attr["_XlaMustCompile"].b]
+    if jit:
+        assert [name for name in marked if "forward_backward" in name], marked
+        assert calls, "no call of the XLA-compiled function"
+    else:
+        assert marked == [] and calls == []
+
+
+def _ema_targets(model):
+    return list(model.trainable_weights) + training.batch_norm_statistics(model)
+
+
+def test_trainer_updates_the_ema_after_every_step(tmp_path):
+    """After step t (0-based) every average follows a <- d a + (1 - d) w with
+    d = min(decay, (2 + t) / (11 + t)), starting from the initial weights, for the trainable
+    weights and the batch-norm statistics."""
+    decay = 0.5
+    trainer = training.Trainer(experiment(tmp_path, strategy="one_device", ema_decay=decay),
+                               model_fn=tiny_resnet, log=_silent)
+    targets = _ema_targets(trainer.model)
+    assert len(trainer.ema.averages) == len(targets)
+    expected = [w.numpy().astype(np.float64) for w in targets]
+    iterator = iter(trainer._train_dataset(0))
+    for t in range(3):
+        trainer.run_steps(iterator, tf.constant(1))
+        d = min(decay, (2.0 + t) / (11.0 + t))
+        weights = [w.numpy().astype(np.float64) for w in targets]
+        expected = [d * a + (1.0 - d) * w for a, w in zip(expected, weights)]
+        for avg, e, v in zip(trainer.ema.averages, expected, targets):
+            np.testing.assert_allclose(avg.numpy(), e, rtol=1e-5, atol=1e-6, err_msg=v.path)
+    # The premise: weights and averages have drifted apart, so an average never updated (or
+    # updated with another decay) is caught.
+    assert max(np.abs(e - w).max() for e, w in zip(expected, weights)) > 1e-3
+
+
+def test_evaluate_reports_the_accuracy_of_the_averaged_weights(tmp_path):
+    """With a zero classifier kernel the model predicts argmax(bias). The EMA bias points at
+    the most frequent eval label, the trained bias at the rarest: clean top-1 must be the
+    share of the most frequent, and the trained weights are back afterwards."""
+    from sat_tf import data as data_lib
+    exp = experiment(tmp_path, strategy="one_device", ema_decay=0.9)
+    trainer = training.Trainer(exp, model_fn=no_bn_net, log=_silent)
+    labels = np.concatenate([y.numpy()[m.numpy() > 0] for _, y, m in data_lib.build_dataset(
+        exp.data, split="eval", batch_size=8, image_size=SIZE)])
+    counts = np.bincount(labels, minlength=CLASSES)
+    ema_class, raw_class = int(np.argmax(counts)), int(np.argmin(counts))
+    assert counts[ema_class] != counts[raw_class]                # the premise
+    fc = trainer.model.get_layer("fc")
+    index = {id(w): i for i, w in enumerate(_ema_targets(trainer.model))}
+    for cls, assign in ((ema_class, lambda w, v: trainer.ema.averages[index[id(w)]].assign(v)),
+                        (raw_class, lambda w, v: w.assign(v))):
+        assign(fc.kernel, np.zeros(fc.kernel.shape, np.float32))
+        assign(fc.bias, np.eye(CLASSES, dtype=np.float32)[cls])
+    result = trainer.evaluate()
+    assert result["examples"] == len(labels) == 32
+    assert result["clean_correct"] == counts[ema_class]
+    assert result["attacks"][0]["correct"] == counts[ema_class]       # constant logits
+    np.testing.assert_array_equal(fc.bias.numpy(), np.eye(CLASSES)[raw_class])
+
+
+@pytest.mark.parametrize("scope", ["kernels", "non_bn"])
+def test_weight_decay_in_the_loss_skips_batch_norm(tmp_path, scope):
+    """tiny_resnet has two batch norms; with gamma = 3 and beta = 2 a decayed gamma or beta
+    would add 0.25 * (9 + 4) * 8 per layer to the loss. The decay term is wd/2 * sum w^2 over
+    the conv kernels and the classifier (its bias only with "non_bn")."""
+    images, labels = _batch()
+    exp = experiment(tmp_path, strategy="one_device", global_batch_size=8, weight_decay=0.5,
+                     weight_decay_scope=scope, label_smoothing=0.0)
+    trainer = training.Trainer(exp, model_fn=tiny_resnet, log=_silent)
+    model = trainer.model
+    for bn in ("stem_bn", "block_bn"):
+        model.get_layer(bn).gamma.assign(tf.fill([8], 3.0))
+        model.get_layer(bn).beta.assign(tf.fill([8], 2.0))
+    model.get_layer("fc").bias.assign(tf.ones([CLASSES]))
+    loss, logits, _ = trainer.loss_and_gradients(images, labels)
+    ce = float(tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)))
+    decayed = [model.get_layer(n).kernel for n in ("stem", "block_conv", "fc")]
+    if scope == "non_bn":
+        decayed.append(model.get_layer("fc").bias)
+    l2 = sum(float(np.sum(np.square(w.numpy().astype(np.float64)))) for w in decayed)
+    assert float(loss) - ce == pytest.approx(0.5 * 0.5 * l2, rel=1e-4)
+
+
+def test_attack_seeds_differ_per_step_and_replica_and_20_percent_start_clean(tmp_path):
+    """PGD-0 from a random start returns its starting point: the clean image (a clean start)
+    or image + noise drawn from the step's and the replica's seed. Over 40 steps x 2 replicas
+    the clean starts follow Binomial(80, 0.2) (outside [6, 27] with probability < 0.3 %),
+    and no two random starts share their noise."""
+    exp = experiment(tmp_path, train_steps=40)
+    exp.train_attack = AttackConfig(epsilon=8.0, step_size=8.0, num_steps=0, random_start=True,
+                                    clean_start_prob=0.2)
+    trainer = training.Trainer(exp, model_fn=no_bn_net, log=_silent)
+    assert trainer.num_replicas == 2
+    iterator = iter(trainer._train_dataset(0))
+    clean_starts, noises = 0, []
+    for _ in range(40):
+        trainer.run_steps(iterator, tf.constant(1))   # keeps (clean | attacked) examples
+        for pair in trainer._example_images.values:   # one copy per replica
+            pair = pair.numpy()
+            clean, attacked = pair[:, :, :SIZE], pair[:, :, SIZE:]
+            if np.array_equal(clean, attacked):
+                clean_starts += 1
+            else:
+                inside = (clean >= 8.0) & (clean <= 247.0)   # noise not clipped at 0 or 255
+                noises.append(np.where(inside, attacked - clean, np.nan))
+    assert 6 <= clean_starts <= 27, clean_starts
+    for i in range(len(noises)):
+        for j in range(i):
+            both = ~np.isnan(noises[i]) & ~np.isnan(noises[j])
+            assert both.sum() > 100
+            # The same seed gives the same noise up to float rounding (~2e-5).
+            assert np.abs(noises[i][both] - noises[j][both]).max() > 1.0, (i, j)
+
+
+class _FakeMultiWorker(tf.distribute.MultiWorkerMirroredStrategy):
+    """Only what _chief reads: the type and the cluster resolver (no cluster is started)."""
+
+    def __init__(self, cluster, task_type, task_id):
+        self._resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+            tf.train.ClusterSpec(cluster), task_type=task_type, task_id=task_id)
+
+    @property
+    def cluster_resolver(self):
+        return self._resolver
+
+
+@pytest.mark.parametrize("cluster, task_type, task_id, expected", [
+    ({"worker": ["a:1", "b:1", "c:1"]}, "worker", 0, (True, 0)),      # no chief job: worker 0
+    ({"worker": ["a:1", "b:1", "c:1"]}, "worker", 2, (False, 2)),
+    ({"chief": ["a:1"], "worker": ["b:1", "c:1"]}, "chief", 0, (True, 0)),
+    ({"chief": ["a:1"], "worker": ["b:1", "c:1"]}, "worker", 0, (False, 0)),
+    ({"chief": ["a:1"], "worker": ["b:1", "c:1"]}, "worker", 1, (False, 1)),
+])
+def test_chief_is_the_chief_job_else_worker_0(cluster, task_type, task_id, expected):
+    assert training._chief(_FakeMultiWorker(cluster, task_type, task_id)) == expected
+
+
+def test_single_process_strategies_are_the_chief():
+    assert training._chief(tf.distribute.get_strategy()) == (True, 0)
+    assert training._chief(tf.distribute.OneDeviceStrategy("/cpu:0")) == (True, 0)
+    assert training._chief(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])) == (True, 0)
