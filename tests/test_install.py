@@ -246,7 +246,7 @@ def test_a_tpu_strategy_on_another_build_fails_before_reaching_for_a_tpu():
 def test_cli_maps_only_a_missing_tensorflow_and_install_errors():
     missing = ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
     assert cli._user_error(missing) == install.missing_tensorflow_message()
-    other = ModuleNotFoundError("No module named 'tensorflow_addons'", name="tensorflow_addons")
+    other = ModuleNotFoundError("No module named 'tensorflow_text'", name="tensorflow_text")
     assert cli._user_error(other) is None   # a bug in sat-tf: keeps its traceback
     error = install.TensorFlowInstallError("--tpu needs the tensorflow-tpu build")
     assert cli._user_error(error) == "--tpu needs the tensorflow-tpu build"
