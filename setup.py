@@ -31,6 +31,9 @@ setup(
         "numpy>=1.23",
         # run/make_tfrecords.py re-encodes PNG / CMYK / grayscale images to RGB JPEG.
         "pillow>=9",
+        # The quick start's dataset: its real handwritten digits (sat_tf.data.digits) ship
+        # inside scikit-learn, so the main job needs no download.
+        "scikit-learn>=1.0",
     ],
     extras_require={
         # Exactly one TensorFlow build (see the module doc); CI installs ".[cpu,test]".

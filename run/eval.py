@@ -12,7 +12,10 @@ example counts as robust only if every attack failed on it. Adds a PGD-20 attack
 table and writes a JSON report (--report; default: <model_dir>/eval_report_step<N>.json, or
 eval_report.json in the current folder for --saved_model).
 
-Defaults come from the run's experiment (its preset's evaluation protocol); flags override.
+Defaults come from the run's experiment: its own evaluation attack (epsilon, step size, steps,
+random start: what the run's evaluations used) added to its preset's evaluation protocol;
+flags override, and the report's protocol says which values came from flags. The data is the
+run's (its recorded split sizes and preprocessing); --data_dir etc. evaluate on other data.
 A --model_dir evaluates the EMA weights when the run kept them (--noema: the raw weights).
 A --saved_model is loaded with TensorFlow alone, without sat_tf's model code.
 
@@ -31,8 +34,8 @@ from absl import flags  # noqa: E402
 
 from sat_tf import cli  # noqa: E402
 from sat_tf import loading  # noqa: E402
-from sat_tf.config import (ATTACK_MODES, DATA_SOURCES, DATASETS, STRATEGIES,  # noqa: E402
-                           Experiment, RuntimeConfig)
+from sat_tf.config import (ATTACK_MODES, DATA_SOURCES, DATASETS,  # noqa: E402
+                           PREPROCESSINGS, STRATEGIES, Experiment, RuntimeConfig)
 
 FLAGS = flags.FLAGS
 # Every flag defaults to None ("not given"): the experiment's value stands.
@@ -46,6 +49,10 @@ flags.DEFINE_string("saved_model", None, "An export of run/export.py (instead of
 flags.DEFINE_string("dataset", None, f"Dataset: {', '.join(DATASETS)} (default: the run's).")
 flags.DEFINE_string("data_dir", None, "Data folder (default: the run's).")
 flags.DEFINE_string("data_source", None, f"Data source: {', '.join(DATA_SOURCES)}.")
+flags.DEFINE_string("preprocessing", None, f"imagenet/images folders: "
+                    f"{', '.join(PREPROCESSINGS)} (default: the run's).")
+flags.DEFINE_bool("skip_corrupt", None, "Skip (and count, on stderr) corrupt records / "
+                  "undecodable images instead of failing with an error that names the file.")
 flags.DEFINE_list("attack_steps", None, "PGD step counts, e.g. 10,20,50,200.")
 flags.DEFINE_list("attack_epsilon", None, "L-infinity radii in pixels of [0, 255], e.g. "
                   "1,2,4,8,16.")
@@ -86,19 +93,27 @@ def _numbers(name: str, values, kind):
                          f"{'integers' if kind is int else 'numbers'}.") from None
 
 
+# Data facts a run records from its data folder: evaluating other data looks them up again.
+_DATA_FACTS = ("data.num_classes", "data.num_train_examples", "data.num_eval_examples",
+               "data.label_base")
+
+
 def config_from_flags():
     """(source, experiment, flag overrides, runtime config); TF-free.
 
     For a remote location whose experiment is read only once TensorFlow is up, the
-    experiment is the default one here and :func:`run` re-applies the overrides."""
+    experiment is the default one here and :func:`run` builds it again with
+    :func:`evaluation_experiment`."""
     source = loading.resolve(model_dir=FLAGS.model_dir, saved_model=FLAGS.saved_model,
                              checkpoint=FLAGS.checkpoint, use_ema=FLAGS.use_ema)
-    exp = source.experiment or Experiment()
     overrides = {}
     for flag, path in (("dataset", "data.dataset"), ("data_dir", "data.data_dir"),
-                       ("data_source", "data.source")):
+                       ("data_source", "data.source"), ("preprocessing", "data.preprocessing"),
+                       ("skip_corrupt", "data.skip_corrupt")):
         if getattr(FLAGS, flag) is not None:
             overrides[path] = getattr(FLAGS, flag)
+    if any(FLAGS[f].present for f in ("dataset", "data_dir", "data_source")):
+        overrides.update({path: None for path in _DATA_FACTS})
     if FLAGS.attack_steps is not None:
         overrides["evaluation.attack_steps"] = _numbers("attack_steps", FLAGS.attack_steps, int)
     if FLAGS.attack_epsilon is not None:
@@ -116,7 +131,7 @@ def config_from_flags():
     if FLAGS.sanity_epsilon is not None:
         overrides["evaluation.sanity_epsilon"] = FLAGS.sanity_epsilon or None
     overrides["evaluation.use_ema"] = FLAGS.use_ema
-    exp = exp.replace(**overrides)
+    exp = evaluation_experiment(source.experiment, overrides)
     exp.evaluation.validate()
     if source.experiment is not None:
         exp.data.validate()
@@ -129,6 +144,26 @@ def config_from_flags():
     if FLAGS.report:
         check_report_path(FLAGS.report)
     return source, exp, overrides, runtime
+
+
+def own_attack(stored: Experiment) -> dict:
+    """The run's own evaluation attack as evaluation overrides: its epsilon and step count
+    join the evaluation protocol's, its step size and random start replace them (a run
+    trained at epsilon 16 is attacked at 16 with its own step, not with PGD's 1 pixel)."""
+    attack, protocol = stored.eval_attack, stored.evaluation
+    return {
+        "evaluation.attack_epsilons": tuple(sorted({*protocol.attack_epsilons, attack.epsilon})),
+        "evaluation.attack_steps": tuple(sorted({*protocol.attack_steps, attack.num_steps})),
+        "evaluation.attack_step_size": attack.step_size,
+        "evaluation.random_start": attack.random_start,
+    }
+
+
+def evaluation_experiment(stored: Experiment | None, overrides: dict) -> Experiment:
+    """The run's experiment with its own evaluation attack, then the flags' ``overrides``."""
+    if stored is None:
+        return Experiment().replace(**overrides)
+    return stored.replace(**{**own_attack(stored), **overrides})
 
 
 def check_report_path(path: str) -> None:
@@ -161,13 +196,17 @@ def run(source, exp: Experiment, overrides: dict, runtime: RuntimeConfig) -> dic
     strategy = distribute.strategy_from_config(runtime)
     with strategy.scope():
         model, info = loading.load(source)
-    if exp is not source.experiment and source.experiment is not None:   # read remotely
-        exp = source.experiment.replace(**overrides)
+    if source.experiment is not None:   # also when it was read only now (remote locations)
+        exp = evaluation_experiment(source.experiment, overrides)
         exp.data.validate()
     cfg = exp.evaluation
     image_size = info["image_size"]
     cfg.global_batch_size = distribute.eval_batch_size(cfg.global_batch_size, strategy)
     split = data.info(exp.data)
+    if split.num_classes is not None and split.num_classes > info["num_classes"]:
+        raise ValueError(f"The model has {info['num_classes']} classes but dataset "
+                         f"{exp.data.dataset!r} has {split.num_classes}; evaluate it on its own "
+                         "data.")
     with data.remembered_listings():
         dataset = evaluation.distribute_eval_dataset(
             strategy, lambda **kw: data.build_dataset(exp.data, split="eval",
@@ -177,11 +216,12 @@ def run(source, exp: Experiment, overrides: dict, runtime: RuntimeConfig) -> dic
     diagnostic = ([reports.large_epsilon_attack(cfg.sanity_epsilon, random_start=cfg.random_start)]
                   if cfg.sanity_epsilon else [])
     total = split.num_eval_examples
-    if cfg.max_batches is not None:
+    if cfg.max_batches is not None and total is not None:
         total = min(total, cfg.max_batches * cfg.global_batch_size)
     print(f"Evaluating {info['name']} ({info['activation']}, {info['source']} "
           f"{info['path']}, step {info['step']}, {info['weights']} weights) on "
-          f"{exp.data.dataset}: {total} examples, {len(attacks)} attacks x "
+          f"{exp.data.dataset}: {total if total is not None else 'all'} examples, "
+          f"{len(attacks)} attacks x "
           f"{cfg.attack_restarts} restarts, {strategy.num_replicas_in_sync} replica(s).",
           flush=True)
     bar = reports.ProgressBar(total)
@@ -190,7 +230,12 @@ def run(source, exp: Experiment, overrides: dict, runtime: RuntimeConfig) -> dic
                                  max_batches=cfg.max_batches, progress=bar,
                                  diagnostic_attacks=diagnostic)
     bar.close()
+    given = sorted(k.split(".", 1)[1] for k in overrides
+                   if k.startswith("evaluation.") and k != "evaluation.use_ema")
     protocol = {
+        "defaults": ("the run's evaluation attack and protocol" if source.experiment is not None
+                     else "sat_tf's evaluation protocol"),
+        "given_by_flags": given,
         "attack_steps": list(cfg.attack_steps), "attack_epsilons": list(cfg.attack_epsilons),
         "attack_step_size": cfg.attack_step_size, "attack_restarts": cfg.attack_restarts,
         "attack_modes": list(cfg.attack_modes), "random_start": cfg.random_start,

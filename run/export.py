@@ -77,6 +77,14 @@ def metadata(info: dict, experiment) -> dict:
             "paper": experiment.paper}
 
 
+def run_preprocessing(experiment) -> str:
+    """The run's recorded preprocessing (runs from before it was recorded: the dataset's
+    default, as those runs evaluated)."""
+    from sat_tf import data
+    return experiment.data.preprocessing or data.default_preprocessing(
+        experiment.data.dataset, None)
+
+
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; every option is a --flag.")
@@ -94,7 +102,8 @@ def main(argv):
     try:
         export.export_saved_model(model, FLAGS.export_dir, image_size=info["image_size"],
                                   metadata=metadata(info, source.experiment),
-                                  overwrite=FLAGS.overwrite)
+                                  overwrite=FLAGS.overwrite,
+                                  preprocessing=run_preprocessing(source.experiment))
     except export.ExportError as e:   # disk full, quota, permissions: nothing left behind
         cli.fail("export.py", str(e), status=1)
     print(f"Exported {info['name']} ({info['activation']}, step {info['step']}, "

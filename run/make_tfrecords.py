@@ -1,7 +1,10 @@
-r"""Converts ImageNet or CIFAR-10 to the TFRecord shards ``--dataset=... --data_dir=...`` reads.
+r"""Converts ImageNet, your own class-per-folder images, or CIFAR-10 to the TFRecord shards
+``run/train.py --data_dir=...`` reads.
 
-ImageNet-style folder tree (``train/<synset>/*.JPEG``; ``validation/<synset>/*`` or flat
-``validation/*`` with --validation_labels):
+A folder tree, ImageNet-style (``train/<class>/*``; ``validation/<class>/*`` or flat
+``validation/*`` with --validation_labels), of any number of classes and image sizes:
+
+  python run/make_tfrecords.py --input=my_images --output_dir=my_images-tfrecords
 
   python run/make_tfrecords.py --dataset=imagenet --input=/data/ILSVRC2012 \
       --output_dir=gs://my-bucket/imagenet [--validation_labels=val_labels.txt]
@@ -30,7 +33,8 @@ from absl import flags  # noqa: E402
 
 from sat_tf import cli  # noqa: E402
 
-flags.DEFINE_string("dataset", None, "imagenet or cifar10.")
+flags.DEFINE_string("dataset", None, "imagenet (any class-per-folder tree) or cifar10 (the "
+                    "official archive); default: imagenet for a folder, cifar10 for a file.")
 flags.DEFINE_string("input", None, "imagenet: the folder holding train/ and/or validation/; "
                     "cifar10: cifar-10-python.tar.gz or cifar-10-binary.tar.gz.")
 flags.DEFINE_string("output_dir", None, "Where the shards go (local folder or gs://).")
@@ -59,13 +63,17 @@ def _fail(message: str) -> None:
 
 def _checked():
     """Validates the flags (one-line ValueError) and returns the converter's keyword arguments."""
-    if FLAGS.dataset not in DATASETS:
+    if FLAGS.dataset is not None and FLAGS.dataset not in DATASETS:
         raise ValueError(f"Invalid --dataset {FLAGS.dataset!r}; valid choices: "
                          f"{', '.join(DATASETS)}.")
     if not FLAGS.input:
         raise ValueError("--input is required.")
     if not FLAGS.output_dir:
         raise ValueError("--output_dir is required.")
+    if FLAGS.dataset is None and "://" not in FLAGS.input and os.path.exists(FLAGS.input):
+        FLAGS.dataset = "imagenet" if os.path.isdir(FLAGS.input) else "cifar10"
+    if FLAGS.dataset is None:
+        raise ValueError(f"Give --dataset ({', '.join(DATASETS)}) for --input {FLAGS.input!r}.")
     for name in ("train_shards", "validation_shards", "num_workers"):
         v = getattr(FLAGS, name)
         if v is not None and v < 1:

@@ -28,8 +28,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from absl import flags, logging  # noqa: E402
 
 from sat_tf import cli, experiments, names, recipes  # noqa: E402
+from sat_tf import data as data_lib  # noqa: E402
 from sat_tf.config import (DATASETS, LR_SCHEDULES, MIXED_PRECISION, OPTIMIZERS,  # noqa: E402
-                           RESUME_INPUT, STRATEGIES, Experiment, ModelConfig, DataConfig)
+                           PREPROCESSINGS, RESUME_INPUT, STRATEGIES, Experiment, ModelConfig,
+                           DataConfig)
 
 FLAGS = flags.FLAGS
 
@@ -45,15 +47,28 @@ _FLAGS = [
     ("image_size", "integer", ("model.image_size",),
      "Input resolution (default: the dataset's, else the model's, e.g. EfficientNet's table)."),
     ("num_classes", "integer", ("model.num_classes",),
-     "Classes (default: the dataset's; with --dataset=synthetic it sets the dataset's too)."),
+     "Classes of the model's head, at least the data's (default: the dataset's, from "
+     "conversion.json for a converted folder; with --dataset=synthetic it sets the dataset's "
+     "too)."),
     ("dropout_rate", "float", ("model.dropout_rate",),
      "Dropout before the classifier (default: the model's, EfficientNet's table)."),
     ("drop_connect_rate", "float", ("model.drop_connect_rate",),
      "EfficientNet stochastic-depth rate (default 0.2)."),
     # data
-    ("dataset", "string", ("data.dataset",), f"Dataset: {', '.join(DATASETS)}."),
+    ("dataset", "string", ("data.dataset",),
+     f"Dataset: {', '.join(DATASETS)} (images: any folder run/make_tfrecords.py converted; "
+     "default: what --data_dir's conversion.json records, imagenet for a folder without one, "
+     "else synthetic)."),
     ("data_dir", "string", ("data.data_dir",),
      "TFRecord folder (local or gs://) or TFDS data_dir."),
+    ("preprocessing", "string", ("data.preprocessing",),
+     f"imagenet/images folders: {', '.join(PREPROCESSINGS)} (imagenet: random-resized crop, "
+     "centre crop for evaluation; resize: the whole image; cifar: the whole image, pad-4 crop "
+     "and flip). Default: resize for images of at most 64 px, else imagenet."),
+    ("label_base", "integer", ("data.label_base",),
+     "The first label in the TFRecords: 1 (official format, default) or 0."),
+    ("num_eval_images", "integer", ("data.num_eval_examples",),
+     "Evaluation-split size (default: conversion.json's, else the dataset's)."),
     ("data_source", "string", ("data.source",),
      "Where the data comes from: tfrecord or tfds (default: tfds for cifar10, tfrecord for "
      "imagenet)."),
@@ -78,8 +93,9 @@ _FLAGS = [
      "--dataset=synthetic: examples in the training split (default 1024)."),
     ("synthetic_eval_examples", "integer", ("data.synthetic_eval_examples",),
      "--dataset=synthetic: examples in the evaluation split (default 256)."),
-    ("num_train_images", "integer", ("train.num_train_examples",),
-     "Training-set size used for epochs and the schedule (default: the dataset's)."),
+    ("num_train_images", "integer", ("data.num_train_examples",),
+     "Training-set size used for epochs and the schedule (default: conversion.json's, else "
+     "the dataset's)."),
     # model_dir
     ("model_dir", "string", ("model_dir",),
      "Where checkpoints, TensorBoard summaries and experiment.json go (local or gs://); "
@@ -112,7 +128,8 @@ _FLAGS = [
      "L-infinity radius in pixels of [0, 255] (4 = 4/255), for training and evaluation "
      "(also recorded as run/eval.py's default)."),
     ("attack_step_size", "float", ("train_attack.step_size",),
-     "Training attack step size in pixels."),
+     "Training attack step size in pixels (default: the protocol's, scaled by "
+     "--attack_epsilon / the protocol's epsilon)."),
     ("attack_steps", "integer", ("train_attack.num_steps",), "Training attack PGD steps."),
     ("attack_clean_start_prob", "float", ("train_attack.clean_start_prob",),
      "Probability that a training batch's attack starts from the clean image (else random)."),
@@ -129,8 +146,9 @@ _FLAGS = [
     ("eval_batch_size", "integer", ("train.eval_batch_size",),
      "Global evaluation batch size (default: train_batch_size)."),
     ("eval_attack_steps", "integer", ("eval_attack.num_steps",), "Evaluation PGD steps."),
-    ("eval_attack_step_size", "float", ("eval_attack.step_size",),
-     "Evaluation PGD step size in pixels."),
+    ("eval_attack_step_size", "float", ("eval_attack.step_size", "evaluation.attack_step_size"),
+     "Evaluation PGD step size in pixels (default: the protocol's, 1 at epsilon 4, scaled "
+     "by --attack_epsilon / the protocol's epsilon)."),
     # loop, checkpoints, summaries
     ("steps_per_loop", "integer", ("train.steps_per_loop",),
      "Steps run on the device per host round trip (the TPU code's iterations_per_loop)."),
@@ -183,22 +201,41 @@ def _given(name: str):
     return getattr(FLAGS, name)
 
 
-CIFAR10_PROTOCOL = "cifar10-resnet18-relu"  # the preset whose data, attacks and recipe
-                                            # --dataset=cifar10 starts from
+# The presets whose data, attacks and recipe --dataset=NAME starts from.
+PROTOCOLS = {"cifar10": "cifar10-resnet18-relu", "digits": "digits-relu"}
 
 
-def base_experiment() -> Experiment:
-    """The preset --experiment names; else, for --dataset=cifar10, the CIFAR-10 protocol of
-    the cifar10-* presets; else the paper's ImageNet protocol with the recipe of the model."""
+def dataset_from_flags() -> tuple[str, str | None]:
+    """``(dataset, source)``: --dataset; else, with --data_dir, the dataset its
+    conversion.json records (a folder without one: official ImageNet shards); else the
+    default (synthetic). ``source`` is "tfrecord" for a converted CIFAR-10 folder."""
+    if _given("dataset") is not None or _given("experiment") is not None:
+        return _given("dataset"), None
+    data_dir = _given("data_dir")
+    if not data_dir or "://" in data_dir:
+        return ("imagenet" if data_dir else None), None
+    manifest = data_lib.read_metadata(data_dir)
+    if manifest is None:
+        return "imagenet", None
+    dataset = manifest.get("dataset")
+    if dataset not in DATASETS:
+        raise ValueError(f"{manifest['_path']} records dataset {dataset!r}; give --dataset "
+                         f"({', '.join(DATASETS)}).")
+    return dataset, ("tfrecord" if dataset == "cifar10" else None)
+
+
+def base_experiment(dataset: str | None) -> Experiment:
+    """The preset --experiment names; else, for --dataset=cifar10 or digits, the protocol of
+    that dataset's presets; else the paper's ImageNet protocol with the recipe of the model."""
     if _given("experiment") is not None:
         return experiments.get(_given("experiment"))
     model = _given("model") or ModelConfig().name
-    dataset = _given("dataset") or DataConfig().dataset
+    dataset = dataset or DataConfig().dataset
     family, _ = names.model(model)
-    if dataset == "cifar10":
-        exp = experiments.get(CIFAR10_PROTOCOL)
+    if dataset in PROTOCOLS:
+        exp = experiments.get(PROTOCOLS[dataset])
         exp.name, exp.paper = "custom", {}
-        exp.description = f"The CIFAR-10 protocol of preset {CIFAR10_PROTOCOL}."
+        exp.description = f"The {dataset} protocol of preset {PROTOCOLS[dataset]}."
         return exp
     train = recipes.efficientnet() if family == "efficientnet" else recipes.resnet()
     return Experiment(name="custom", train=train)
@@ -206,8 +243,13 @@ def base_experiment() -> Experiment:
 
 def experiment_from_flags() -> Experiment:
     """The experiment the command line describes (TF-free; ValueError on bad values)."""
-    exp = base_experiment()
+    dataset, source = dataset_from_flags()
+    exp = base_experiment(dataset)
     overrides = {}
+    if dataset is not None and _given("dataset") is None:
+        overrides["data.dataset"] = dataset
+    if source is not None and _given("data_source") is None:
+        overrides["data.source"] = source
     for name, _kind, paths, _help in _FLAGS:
         value = _given(name)
         if value is None or not paths:
@@ -232,6 +274,16 @@ def experiment_from_flags() -> Experiment:
         overrides["data.synthetic_num_classes"] = _given("num_classes")
     if _given("attack_epsilon") is not None:
         overrides["evaluation.attack_epsilons"] = (_given("attack_epsilon"),)
+        # Step sizes keep their ratio to epsilon unless given: PGD-10 with step 1 cannot even
+        # reach the boundary of an epsilon-16 ball.
+        for attack, flag in (("train_attack", "attack_step_size"),
+                             ("eval_attack", "eval_attack_step_size")):
+            old = getattr(exp, attack)
+            if _given(flag) is None and old.epsilon > 0:
+                scaled = old.step_size * _given("attack_epsilon") / old.epsilon
+                overrides[f"{attack}.step_size"] = scaled
+                if attack == "eval_attack":
+                    overrides["evaluation.attack_step_size"] = scaled
     if _given("tpu") and _given("strategy") is None:
         overrides["runtime.strategy"] = "tpu"
     exp = exp.replace(**overrides)
@@ -274,11 +326,18 @@ def main(argv):
                                    log=lambda line: print(line, flush=True))
     except ValueError as e:
         _fail(str(e))
+    import tensorflow as tf
+    from sat_tf import memory
     try:
         result = trainer.train()
     except training.TrainingDiverged as e:
         print(f"train.py: {e}", file=sys.stderr)
         sys.exit(1)
+    except tf.errors.ResourceExhaustedError:
+        if os.environ.get("SAT_TF_TRACEBACK"):
+            raise
+        cli.fail("train.py", "out of memory: " + memory.oom_advice(trainer.memory_estimate()),
+                 status=1)
     line = f"{result['status']} at step {result['step']}/{trainer.total_steps}"
     if result["eval"]:
         ev = result["eval"]

@@ -111,8 +111,31 @@ def _user_error(e: BaseException) -> str | None:
     if tf is not None and isinstance(e, (tf.errors.NotFoundError, tf.errors.InvalidArgumentError,
                                          tf.errors.DataLossError,
                                          tf.errors.PermissionDeniedError)):
-        return e.message
+        return tf_error_line(e.message)
     return None
+
+
+_ASSERTION = re.compile(r"assertion failed: \[(.*?)\]?\s*$")
+_TRACE_LINES = ("Graph execution error", "Detected at node", "[[", "File ", "{{")
+
+
+def tf_error_line(message: str) -> str:
+    """The line of a TensorFlow error message that says what was wrong.
+
+    A failure inside a graph (an input pipeline's assertion naming a corrupt record, a bad
+    label) reads ``Graph execution error:`` then the Python stack of the op, and only then
+    ``assertion failed: [Corrupt record or undecodable image: record 3 of <file>]``: that
+    last part is the message, without the brackets. Otherwise the first line that is not
+    part of a stack trace."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    for line in lines:
+        match = _ASSERTION.search(line)
+        if match:
+            return match.group(1).rstrip("]").strip()
+    for line in lines:
+        if not line.startswith(_TRACE_LINES) and not line.endswith("(most recent call last):"):
+            return line
+    return lines[0] if lines else "TensorFlow failed"
 
 
 def run(main, program: str) -> None:

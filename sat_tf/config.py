@@ -22,7 +22,12 @@ from typing import Any
 
 from sat_tf import names
 
-DATASETS = ("synthetic", "cifar10", "imagenet")
+DATASETS = ("synthetic", "digits", "cifar10", "imagenet", "images")
+# How a folder of encoded images (imagenet, images) becomes model input: "imagenet" (random
+# resized crop / centre crop of size/(size+32)), "resize" (the whole image resized; random
+# flip in training), "cifar" (the whole image resized, then pad-4 random crop and flip).
+PREPROCESSINGS = ("imagenet", "resize", "cifar")
+LABEL_BASES = (0, 1)
 DATA_SOURCES = ("tfrecord", "tfds")
 AUGMENTATIONS = ("none", "randaugment", "autoaugment")
 CIFAR_PADDINGS = ("reflect", "zero")
@@ -125,9 +130,29 @@ class DataConfig:
     synthetic_num_classes: int = 10
     synthetic_train_examples: int = 1024
     synthetic_eval_examples: int = 256
+    # Facts of the data. None: read from the folder's conversion.json (run/make_tfrecords.py
+    # writes it), else the dataset's known values (ImageNet: 1000 classes, 1,281,167 / 50,000
+    # images, 1-based labels). A run records the values it used in experiment.json.
+    num_classes: int | None = None
+    num_train_examples: int | None = None
+    num_eval_examples: int | None = None
+    label_base: int | None = None          # the first label on disk: 1 (official), or 0
+    preprocessing: str | None = None       # PREPROCESSINGS; None: by the images' size
 
     def validate(self) -> None:
         _choice("dataset", self.dataset, DATASETS)
+        for what in ("num_classes", "num_train_examples", "num_eval_examples"):
+            if getattr(self, what) is not None:
+                _positive(f"data {what}", getattr(self, what))
+        if self.label_base is not None:
+            _choice("label_base", self.label_base, LABEL_BASES)
+        if self.preprocessing is not None:
+            _choice("preprocessing", self.preprocessing, PREPROCESSINGS)
+            own = {"cifar10": "cifar", "digits": "resize", "synthetic": "resize"}.get(self.dataset)
+            if own is not None and self.preprocessing != own:
+                raise ValueError(f"Invalid preprocessing {self.preprocessing!r} for dataset "
+                                 f"{self.dataset!r}; it has only {own!r} (the choice applies "
+                                 "to imagenet and images folders).")
         if self.source is not None:
             _choice("data source", self.source, DATA_SOURCES)
         _choice("augmentation", self.augment, AUGMENTATIONS)
@@ -143,11 +168,17 @@ class DataConfig:
         _positive("synthetic_num_classes", self.synthetic_num_classes)
         _positive("synthetic_train_examples", self.synthetic_train_examples)
         _positive("synthetic_eval_examples", self.synthetic_eval_examples)
-        if self.augment != "none" and self.dataset != "imagenet":
+        if self.augment != "none" and self.dataset not in ("imagenet", "images"):
             raise ValueError(f"Invalid augmentation {self.augment!r} for dataset {self.dataset!r}; "
-                             "RandAugment/AutoAugment apply to imagenet only (use 'none').")
-        if self.dataset == "imagenet" and self.resolved_source() == "tfrecord" and not self.data_dir:
-            raise ValueError("dataset 'imagenet' needs data_dir (a folder of train-*/validation-* TFRecords).")
+                             "RandAugment/AutoAugment apply to imagenet and images only (use "
+                             "'none').")
+        if (self.dataset in ("imagenet", "images") and self.resolved_source() == "tfrecord"
+                and not self.data_dir):
+            raise ValueError(f"dataset {self.dataset!r} needs data_dir (a folder of "
+                             "train-*/validation-* TFRecords).")
+        if self.dataset in ("synthetic", "digits", "images") and self.source == "tfds":
+            raise ValueError(f"Invalid data source 'tfds' for dataset {self.dataset!r}; valid "
+                             "choices: tfrecord (or none).")
 
     def resolved_source(self) -> str:
         """``source``, or the dataset's usual source when it is None."""

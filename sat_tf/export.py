@@ -50,12 +50,26 @@ METADATA_ASSET = "sat_tf_export.json"
 MAX_ENCODED_PIXELS = 4096 * 4096
 ENCODED_FORMATS = ("JPEG", "PNG")
 PIXELS_ERROR = "pixels must be finite values in [0, 255]"
-PREPROCESSING = {
-    SERVING_SIGNATURE: "float32 RGB pixels in [0, 255], NHWC, already at the model's size",
-    ENCODED_SIGNATURE: ("decode JPEG/PNG to RGB; centre crop size/(size+"
-                        f"{imagenet.CROP_PADDING}) of the short side; bicubic resize to size x "
-                        "size; clip to [0, 255] (sat_tf.data.imagenet's evaluation preprocessing)"),
+_SERVING_INPUT = ("float32 RGB pixels in [0, 255], NHWC, already at the model's size: "
+                  "preprocess them as serving_encoded does (the run's evaluation "
+                  "preprocessing)")
+_ENCODED = {   # the run's data.preprocessing -> what serving_encoded does
+    "imagenet": ("decode JPEG/PNG to RGB; centre crop size/(size+"
+                 f"{imagenet.CROP_PADDING}) of the short side; bicubic resize to size x size; "
+                 "clip to [0, 255] (sat_tf.data.imagenet's evaluation preprocessing)"),
+    "whole": ("decode JPEG/PNG to RGB; bicubic resize of the whole image to size x size; clip "
+              "to [0, 255] (the evaluation preprocessing of runs with preprocessing "
+              "'resize' or 'cifar')"),
 }
+
+
+def preprocessing_text(preprocessing: str = "imagenet") -> dict:
+    """What each signature expects, for the export's metadata."""
+    return {SERVING_SIGNATURE: _SERVING_INPUT,
+            ENCODED_SIGNATURE: _ENCODED["imagenet" if preprocessing == "imagenet" else "whole"]}
+
+
+PREPROCESSING = preprocessing_text()
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _BIG_ENDIAN = (1 << 24, 1 << 16, 1 << 8, 1)
 
@@ -98,15 +112,19 @@ def check_encoded_image(image_bytes, max_pixels: int = MAX_ENCODED_PIXELS):
         return tf.identity(image_bytes)
 
 
-def decode_and_preprocess(image_bytes, image_size: int, max_pixels: int = MAX_ENCODED_PIXELS):
+def decode_and_preprocess(image_bytes, image_size: int, max_pixels: int = MAX_ENCODED_PIXELS,
+                          preprocessing: str = "imagenet"):
     """Encoded image bytes (a scalar string) -> float32 [size, size, 3] pixels in [0, 255].
 
     The header is checked first (:func:`check_encoded_image`), so an oversized or unsupported
-    image is refused before anything is decoded. JPEGs take exactly the evaluation pipeline's
-    path (``imagenet.preprocess_eval``); PNGs are decoded whole, then cropped with the same
-    window and resized the same way.
+    image is refused before anything is decoded. With ``preprocessing`` "imagenet", JPEGs take
+    exactly the evaluation pipeline's path (``imagenet.preprocess_eval``); PNGs are decoded
+    whole, then cropped with the same window and resized the same way. With "resize" or
+    "cifar" the whole image is resized (``imagenet.decode_whole``), as their evaluation does.
     """
     image_bytes = check_encoded_image(image_bytes, max_pixels)
+    if preprocessing != "imagenet":
+        return imagenet.decode_whole(image_bytes, image_size)
 
     def png():
         image = tf.io.decode_png(image_bytes, channels=3)
@@ -124,7 +142,7 @@ class _Serving(tf.Module):
     """The exported object: the model's variables and the signature functions."""
 
     def __init__(self, model: keras.Model, image_size: int, metadata_json: str, asset_path: str,
-                 max_encoded_pixels: int):
+                 max_encoded_pixels: int, preprocessing: str = "imagenet"):
         super().__init__(name="sat_tf_serving")
         # Track the backing tf.Variables: tracking the Keras model (or its KerasVariables)
         # saves variables that TF1-style loaders (saved_model_cli run, TF Serving) cannot find.
@@ -156,7 +174,8 @@ class _Serving(tf.Module):
             serve, input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, "images")])
 
         def serve_encoded(image_bytes):
-            images = tf.map_fn(lambda b: decode_and_preprocess(b, size, max_encoded_pixels),
+            images = tf.map_fn(lambda b: decode_and_preprocess(b, size, max_encoded_pixels,
+                                                               preprocessing),
                                image_bytes,
                                fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
             return outputs(images)
@@ -269,7 +288,8 @@ def _remove(path: str) -> None:
 
 def export_saved_model(model: keras.Model, export_dir: str, *, metadata: dict | None = None,
                        image_size: int | None = None, overwrite: bool = False,
-                       max_encoded_pixels: int = MAX_ENCODED_PIXELS) -> str:
+                       max_encoded_pixels: int = MAX_ENCODED_PIXELS,
+                       preprocessing: str = "imagenet") -> str:
     """Writes ``model`` (pixels -> logits) as a SavedModel in ``export_dir``.
 
     The SavedModel is written next to ``export_dir`` under a hidden name and renamed into place
@@ -287,6 +307,8 @@ def export_saved_model(model: keras.Model, export_dir: str, *, metadata: dict | 
       overwrite: replace ``export_dir`` if it holds a previous sat_tf export (nothing else is
         ever replaced).
       max_encoded_pixels: the largest image (width x height) ``serving_encoded`` decodes.
+      preprocessing: the run's ``data.preprocessing``: "imagenet" (``serving_encoded``
+        centre-crops), "resize" or "cifar" (it resizes the whole image).
 
     Returns:
       export_dir.
@@ -306,6 +328,9 @@ def export_saved_model(model: keras.Model, export_dir: str, *, metadata: dict | 
     if not isinstance(max_encoded_pixels, int) or max_encoded_pixels <= 0:
         raise ValueError(f"Invalid max_encoded_pixels {max_encoded_pixels!r}; it must be a "
                          "positive integer.")
+    if preprocessing not in ("imagenet", "resize", "cifar"):
+        raise ValueError(f"Invalid preprocessing {preprocessing!r}; valid choices: imagenet, "
+                         "resize, cifar.")
     replace = check_export_dir(export_dir, overwrite)
     num_classes = int(model.outputs[0].shape[-1]) if getattr(model, "outputs", None) else None
     meta = dict(metadata or {})
@@ -314,7 +339,8 @@ def export_saved_model(model: keras.Model, export_dir: str, *, metadata: dict | 
         "image_size": image_size,
         "num_classes": num_classes,
         "input": "float32 RGB pixels in [0, 255], NHWC (the model scales them itself)",
-        "preprocessing": PREPROCESSING,
+        "preprocessing": preprocessing_text(preprocessing),
+        "data_preprocessing": preprocessing,
         "input_checks": {
             SERVING_SIGNATURE: (f"NaN or infinite pixels: InvalidArgumentError ('{PIXELS_ERROR}'"
                                 "); finite values outside [0, 255] reach the model unchanged, "
@@ -338,7 +364,7 @@ def export_saved_model(model: keras.Model, export_dir: str, *, metadata: dict | 
         asset = os.path.join(asset_folder, METADATA_ASSET)
         with tf.io.gfile.GFile(asset, "w") as f:
             f.write(text + "\n")
-        module = _Serving(model, image_size, text, asset, max_encoded_pixels)
+        module = _Serving(model, image_size, text, asset, max_encoded_pixels, preprocessing)
         tf.saved_model.save(module, path, signatures={
             SERVING_SIGNATURE: module.serve.get_concrete_function(),
             ENCODED_SIGNATURE: module.serve_encoded.get_concrete_function(),

@@ -46,6 +46,13 @@ MAY_CHANGE = (
     "data.cache_eval", "data.shuffle_buffer",
 )
 
+# Facts a run records since they were looked up once (sat_tf.training.resolve_experiment):
+# a run directory written before they were recorded holds None there, which matches any value.
+RECORDED_LATER = (
+    "model.num_classes", "model.image_size", "data.num_classes", "data.num_train_examples",
+    "data.num_eval_examples", "data.label_base", "data.preprocessing",
+)
+
 
 class RunDirError(ValueError):
     """The run directory cannot be used as asked (busy, another run, unreadable)."""
@@ -98,6 +105,8 @@ def differences(stored: Experiment, given: Experiment) -> list[str]:
             x = tuple(x)
         if isinstance(y, list):
             y = tuple(y)
+        if x is None and path in RECORDED_LATER:
+            continue
         if x != y and not _may_change(path):
             out.append(f"{path} (stored {x!r}, given {y!r})")
     return out
@@ -120,6 +129,19 @@ def check_resumable(model_dir: str, given: Experiment) -> None:
 
 def write_final_eval(model_dir: str, step: int, result: dict) -> None:
     _write_json(os.path.join(model_dir, FINAL_EVAL_FILE), {"step": step, "eval": result})
+
+
+def read_final_eval(model_dir: str, step: int) -> dict | None:
+    """The evaluation recorded at ``step`` (the last), or None."""
+    path = os.path.join(model_dir, FINAL_EVAL_FILE)
+    try:
+        if not tf.io.gfile.exists(path):
+            return None
+        with tf.io.gfile.GFile(path) as f:
+            record = json.load(f)
+    except (ValueError, OSError, tf.errors.OpError):
+        return None
+    return record.get("eval") if record.get("step") == step else None
 
 
 def final_eval_done(model_dir: str, step: int) -> bool:

@@ -36,7 +36,7 @@ import keras
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
-from sat_tf import activations, attacks, distribute, optimizers, rundir, schedules
+from sat_tf import activations, attacks, distribute, memory, optimizers, rundir, schedules
 from sat_tf import data as data_lib
 from sat_tf.config import Experiment
 
@@ -204,14 +204,35 @@ def model_shape(exp: Experiment) -> tuple[int, int]:
     image size."""
     info = data_lib.info(exp.data)
     num_classes = exp.model.num_classes or info.num_classes
-    if num_classes < info.num_classes:
+    if num_classes is None:
+        raise ValueError(f"The class count of dataset {exp.data.dataset!r} in "
+                         f"{exp.data.data_dir!r} is unknown (no conversion.json from "
+                         "run/make_tfrecords.py beside the shards); give --num_classes.")
+    if info.num_classes is not None and num_classes < info.num_classes:
+        where = f" ({info.metadata})" if info.metadata else ""
         raise ValueError(f"num_classes {num_classes} is smaller than the {info.num_classes} "
-                         f"classes of dataset {exp.data.dataset!r}.")
+                         f"classes of dataset {exp.data.dataset!r}{where}.")
     image_size = exp.model.image_size or info.image_size
     if image_size is None:
         from sat_tf import models
         image_size = models.default_image_size(exp.model.name)
     return num_classes, image_size
+
+
+def resolve_experiment(exp: Experiment) -> Experiment:
+    """A copy of ``exp`` with the facts otherwise looked up at every start filled in: the
+    model's class count and image size, the data's class count, split sizes, label base and
+    preprocessing (from the folder's conversion.json or the dataset's known values). A run
+    records them in experiment.json, so loading it later needs no data folder and a resumed
+    run is checked against what it trained with."""
+    num_classes, image_size = model_shape(exp)
+    facts = data_lib.info(exp.data)
+    return exp.replace(**{
+        "model.num_classes": num_classes, "model.image_size": image_size,
+        "data.num_classes": facts.num_classes,
+        "data.num_train_examples": facts.num_train_examples,
+        "data.num_eval_examples": facts.num_eval_examples,
+        "data.label_base": facts.label_base, "data.preprocessing": facts.preprocessing})
 
 
 def build_model(exp: Experiment, model_fn: Callable | None = None) -> keras.Model:
@@ -249,7 +270,7 @@ class Trainer:
         experiment.validate()
         if not experiment.model_dir:
             raise ValueError("The experiment has no model_dir (where checkpoints go).")
-        self.experiment = exp = experiment
+        self.experiment = exp = resolve_experiment(experiment)
         self.train_cfg = exp.train
         self.log = log
         if strategy is None:
@@ -265,7 +286,12 @@ class Trainer:
         self.per_replica_eval_batch_size = distribute.per_replica_batch_size(
             self.eval_batch_size, self.strategy, what="eval batch size")
         self.num_classes, self.image_size = model_shape(exp)
-        num_examples = exp.train.num_train_examples or data_lib.info(exp.data).num_train_examples
+        num_examples = exp.train.num_train_examples or exp.data.num_train_examples
+        if num_examples is None:
+            raise ValueError(f"The training-set size of dataset {exp.data.dataset!r} in "
+                             f"{exp.data.data_dir!r} is unknown (no conversion.json from "
+                             "run/make_tfrecords.py beside the shards); give "
+                             "--num_train_images.")
         self.steps_per_epoch = schedules.steps_per_epoch(exp.train, num_examples)
         self.total_steps = schedules.total_steps(exp.train, num_examples)
         self.model_dir = exp.model_dir
@@ -275,6 +301,8 @@ class Trainer:
         # variable of this process (not mirrored), created outside the strategy's scope.
         self._stop_flag = tf.Variable(False, trainable=False, name="stop_requested")
 
+        if model_fn is None:
+            self._check_memory()
         keras.utils.set_random_seed(exp.train.seed)
         with self.strategy.scope():
             self.model = build_model(exp, model_fn)
@@ -326,6 +354,36 @@ class Trainer:
         self._multi_worker = (isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
                               and self.num_replicas > len(self.strategy.extended.worker_devices))
         self._agreed_stop_fn = tf.function(self._stop_requested)
+
+    # -- memory ------------------------------------------------------------------------------
+
+    def memory_estimate(self):
+        """:func:`sat_tf.memory.estimate` of one replica of this run."""
+        exp = self.experiment
+        slots = {"sgd_nesterov": 1, "sgd": 1, "rmsprop": 2, "adam": 2}[exp.train.optimizer]
+        return memory.estimate(
+            exp.model.name, image_size=self.image_size, stem=exp.model.stem,
+            num_classes=self.num_classes, per_replica_batch=self.per_replica_batch_size,
+            attack_steps=exp.train_attack.num_steps, adversarial=exp.train.adversarial,
+            precision=exp.runtime.precision_policy(), optimizer_slots=slots,
+            ema=exp.train.ema_decay is not None)
+
+    def _check_memory(self) -> None:
+        """On a host without accelerators, refuses (one line, before any work) a run whose
+        replicas on this host clearly need more memory than it has: the kernel's OOM killer
+        would otherwise end it minutes later without a message."""
+        if tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"):
+            return
+        available = memory.available_bytes()
+        if available is None:
+            return
+        est = self.memory_estimate()
+        try:
+            local = len(self.strategy.extended.worker_devices)
+        except RuntimeError:          # the default strategy: one replica
+            local = 1
+        what = est.run() + (f" (x{local} replicas sharing this host)" if local > 1 else "")
+        memory.check_fits(est, available // local, what=what)
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -659,6 +717,8 @@ class Trainer:
                     result["status"] = "preempted"
                 elif self.is_chief:
                     rundir.write_final_eval(self.model_dir, step, result["eval"])
+            elif result["status"] == "completed" and step == self.total_steps:
+                result["eval"] = rundir.read_final_eval(self.model_dir, step)
         result["step"] = step
         if result["status"] == "completed" and step < self.total_steps:
             result["status"] = "stopped"

@@ -134,7 +134,8 @@ def test_corrupt_png_error_names_the_file(converted, tmp_path):
         list(ds)
 
 
-def test_tfds_is_the_default_source(tmp_path):
+def test_tfds_is_the_default_source(tmp_path, monkeypatch):
+    monkeypatch.setattr(cifar10, "_probe", lambda host: None)   # the mock downloads nothing
     cfg = DataConfig(dataset="cifar10", data_dir=str(tmp_path), shuffle_buffer=16)
     assert cfg.resolved_source() == "tfds"
     cfg.validate()
@@ -153,7 +154,7 @@ def test_tfrecord_source_needs_data_dir():
     with pytest.raises(ValueError, match="needs data_dir"):
         data_lib.build_dataset(DataConfig(dataset="cifar10", source="tfrecord"), split="eval",
                                batch_size=4)
-    with pytest.raises(ValueError, match="apply to imagenet only"):
+    with pytest.raises(ValueError, match="apply to imagenet and images only"):
         DataConfig(dataset="cifar10", augment="randaugment").validate()
 
 
@@ -168,8 +169,27 @@ def test_tfds_download_path_is_installed_and_fails_in_one_line(tmp_path, monkeyp
         raise OSError("Failed to resolve 'www.cs.toronto.edu'")
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+    monkeypatch.setattr(cifar10, "_probe", lambda host: None)
     cfg = DataConfig(dataset="cifar10", source="tfds", data_dir=str(tmp_path))
     with pytest.raises(ConnectionError) as err:
         cifar10.build(cfg, split="eval", batch_size=4)
     msg = str(err.value)
     assert "\n" not in msg and "www.cs.toronto.edu" in msg and "run/make_tfrecords.py" in msg
+
+
+def test_offline_download_fails_at_the_probe_without_tfds_retries(tmp_path, monkeypatch):
+    """Offline, tensorflow-datasets would retry for minutes: an unreachable download host is
+    found by one probe and download_and_prepare is never called."""
+    import tensorflow_datasets as tfds
+
+    def never(self, *args, **kwargs):
+        raise AssertionError("download_and_prepare ran despite the failed probe")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", never)
+    monkeypatch.setattr(cifar10, "DOWNLOAD_HOST", "no-such-host.invalid")
+    cfg = DataConfig(dataset="cifar10", source="tfds", data_dir=str(tmp_path))
+    with pytest.raises(ConnectionError) as err:
+        cifar10.build(cfg, split="eval", batch_size=4)
+    msg = str(err.value)
+    assert "\n" not in msg and "no-such-host.invalid is not reachable" in msg
+    assert "run/make_tfrecords.py" in msg and "--dataset=digits" in msg

@@ -36,6 +36,7 @@ def tree(tmp_path_factory):
 
 def _cfg(data_dir, **kw):
     kw.setdefault("shuffle_buffer", 64)
+    kw.setdefault("preprocessing", "imagenet")    # the 60x80 photos would default to "resize"
     return DataConfig(dataset="imagenet", data_dir=data_dir, **kw)
 
 

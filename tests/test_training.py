@@ -90,10 +90,16 @@ def test_mirrored_adversarial_training_learns_and_logs(tmp_path):
     # Evaluation ran through sat_tf.evaluation on the eval split (32 examples).
     assert result["eval"]["examples"] == 32
     assert 0.0 <= result["eval"]["attacks"][0]["accuracy"] <= result["eval"]["clean_top1"]
-    # Checkpoints every 8 steps; experiment.json round-trips.
+    # Checkpoints every 8 steps; experiment.json round-trips, with the facts the run looked
+    # up recorded (head, input size, split sizes, preprocessing).
     assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-24")
     with open(tmp_path / "experiment.json") as f:
-        assert Experiment.from_dict(json.load(f)) == exp
+        stored = Experiment.from_dict(json.load(f))
+    assert stored == training.resolve_experiment(exp) == trainer.experiment
+    assert (stored.model.num_classes, stored.model.image_size) == (4, 16)
+    assert (stored.data.num_train_examples, stored.data.num_eval_examples) == (
+        exp.data.synthetic_train_examples, 32)
+    assert stored.data.preprocessing == "resize" and stored.data.label_base == 1
     progress = [s for s in lines if s.startswith("step ")]
     assert progress[0].startswith("step 8/24 | loss ") and "img/s | ETA" in progress[0]
     # TensorBoard events written without the tensorboard package.

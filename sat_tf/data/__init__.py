@@ -17,28 +17,143 @@ This package imports TensorFlow lazily, so ``info()`` is cheap.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 from sat_tf.config import DataConfig
+
+MANIFEST_FILE = "conversion.json"     # what run/make_tfrecords.py records beside the shards
+SMALL_IMAGE = 64                      # default preprocessing: "resize" at or below this size
+_EVAL_SPLITS = ("validation", "test")  # the converters' names of the evaluation split
+_IMAGENET = dict(num_classes=1000, num_train_examples=1_281_167, num_eval_examples=50_000)
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-    num_classes: int
-    image_size: int | None          # None: the model decides (ImageNet)
-    num_train_examples: int
-    num_eval_examples: int
+    num_classes: int | None         # None: unknown (a folder without metadata): --num_classes
+    image_size: int | None          # the size models get by default; None: the model decides
+    num_train_examples: int | None  # None: unknown: --num_train_images
+    num_eval_examples: int | None   # None: unknown (progress shows no total)
+    label_base: int = 1             # the first label on disk
+    preprocessing: str = "imagenet"
+    images_short_side: int | None = None   # median short side of the images, when known
+    metadata: str | None = None     # the file the facts were read from
+
+
+def read_metadata(data_dir: str | None) -> dict | None:
+    """The ``conversion.json`` of a TFRecord folder (local or gs://), or None without one."""
+    if not data_dir:
+        return None
+    path = os.path.join(data_dir, MANIFEST_FILE)
+    try:
+        if "://" in path:
+            import tensorflow as tf
+            if not tf.io.gfile.exists(path):
+                return None
+            with tf.io.gfile.GFile(path) as f:
+                text = f.read()
+        else:
+            if not os.path.exists(path):
+                return None
+            with open(path) as f:
+                text = f.read()
+        manifest = json.loads(text)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"Cannot read {path} ({e}); delete it and re-run "
+                         "run/make_tfrecords.py, or fix it.") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        raise ValueError(f"{path} is not a conversion record of run/make_tfrecords.py (no "
+                         "'splits').")
+    manifest["_path"] = path
+    return manifest
+
+
+def _from_metadata(manifest: dict) -> dict:
+    """The facts a conversion.json holds (only those it holds)."""
+    facts = {}
+    splits = manifest["splits"]
+    if "train" in splits:
+        facts["num_train_examples"] = int(splits["train"]["num_examples"])
+    for name in _EVAL_SPLITS:
+        if name in splits:
+            facts["num_eval_examples"] = int(splits[name]["num_examples"])
+            break
+    if manifest.get("num_classes"):
+        facts["num_classes"] = int(manifest["num_classes"])
+    if manifest.get("label_base") is not None:
+        facts["label_base"] = int(manifest["label_base"])
+    side = (manifest.get("image_size") or {}).get("median_short_side")
+    if side:
+        facts["images_short_side"] = int(side)
+    return facts
+
+
+def _label_map_classes(data_dir: str) -> int | None:
+    """The number of classes ``label_map.txt`` beside the shards lists (local folders)."""
+    path = os.path.join(data_dir, "label_map.txt")
+    if "://" in path or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return sum(1 for line in f if line.strip()) or None
+
+
+def default_preprocessing(dataset: str, images_short_side: int | None) -> str:
+    """The preprocessing a run gets unless it chooses: CIFAR-10's own; the whole image for
+    small images (at most 64 pixels on the short side, by the folder's conversion.json: a
+    centre crop of size/(size+32) would keep a quarter of a 32x32 image); else ImageNet's
+    crops (also when the images' size is unknown, as for the official ImageNet TFRecords)."""
+    if dataset == "cifar10":
+        return "cifar"
+    if dataset in ("digits", "synthetic"):
+        return "resize"
+    if images_short_side and images_short_side <= SMALL_IMAGE:
+        return "resize"
+    return "imagenet"
 
 
 def info(data: DataConfig) -> DatasetInfo:
-    """Class count, natural image size and split sizes of a dataset, without TensorFlow."""
+    """Class count, natural image size, split sizes, label base and preprocessing of a
+    dataset: ``data``'s own fields where set, else the folder's ``conversion.json``, else the
+    dataset's known values. TensorFlow only for metadata on gs://."""
     if data.dataset == "synthetic":
-        return DatasetInfo(data.synthetic_num_classes, data.synthetic_image_size,
-                           data.synthetic_train_examples, data.synthetic_eval_examples)
-    if data.dataset == "cifar10":
-        return DatasetInfo(10, 32, 50_000, 10_000)
-    if data.dataset == "imagenet":
-        return DatasetInfo(1000, None, 1_281_167, 50_000)
-    raise ValueError(f"Invalid dataset {data.dataset!r}; valid choices: synthetic, cifar10, imagenet.")
+        facts = dict(num_classes=data.synthetic_num_classes, image_size=data.synthetic_image_size,
+                     num_train_examples=data.synthetic_train_examples,
+                     num_eval_examples=data.synthetic_eval_examples)
+    elif data.dataset == "digits":
+        from sat_tf.data import digits
+        facts = dict(num_classes=digits.NUM_CLASSES, image_size=digits.IMAGE_SIZE,
+                     num_train_examples=digits.NUM_TRAIN, num_eval_examples=digits.NUM_EVAL)
+    elif data.dataset == "cifar10":
+        facts = dict(num_classes=10, image_size=32, num_train_examples=50_000,
+                     num_eval_examples=10_000)
+    elif data.dataset in ("imagenet", "images"):
+        facts = dict(_IMAGENET) if data.dataset == "imagenet" else {}
+        facts["image_size"] = None
+        manifest = (read_metadata(data.data_dir) if data.resolved_source() == "tfrecord"
+                    else None)
+        if manifest is not None:
+            facts.update(_from_metadata(manifest))
+            facts["metadata"] = manifest["_path"]
+            if "num_classes" not in _from_metadata(manifest):
+                classes = _label_map_classes(data.data_dir)
+                if classes:
+                    facts["num_classes"] = classes
+        side = facts.get("images_short_side")
+        if side and side <= SMALL_IMAGE:
+            facts["image_size"] = side      # small images: train at their own size
+    else:
+        raise ValueError(f"Invalid dataset {data.dataset!r}; valid choices: synthetic, digits, "
+                         "cifar10, imagenet, images.")
+    for what in ("num_classes", "num_train_examples", "num_eval_examples", "label_base"):
+        if getattr(data, what) is not None:
+            facts[what] = getattr(data, what)
+    facts.setdefault("num_classes", None)
+    facts.setdefault("num_train_examples", None)
+    facts.setdefault("num_eval_examples", None)
+    facts.setdefault("label_base", 1)
+    facts["preprocessing"] = data.preprocessing or default_preprocessing(
+        data.dataset, facts.get("images_short_side"))
+    return DatasetInfo(**facts)
 
 
 def remembered_listings():
@@ -64,8 +179,15 @@ def build_dataset(data: DataConfig, *, split: str, batch_size: int, image_size: 
         from sat_tf.data import cifar10
         return cifar10.build(data, split=split, batch_size=batch_size, image_size=image_size,
                              input_context=input_context)
-    if data.dataset == "imagenet":
+    if data.dataset == "digits":
+        from sat_tf.data import digits
+        return digits.build(data, split=split, batch_size=batch_size, image_size=image_size,
+                            input_context=input_context)
+    if data.dataset in ("imagenet", "images"):
         from sat_tf.data import imagenet
+        facts = info(data)
         return imagenet.build(data, split=split, batch_size=batch_size, image_size=image_size,
-                              input_context=input_context)
-    raise ValueError(f"Invalid dataset {data.dataset!r}; valid choices: synthetic, cifar10, imagenet.")
+                              input_context=input_context, label_base=facts.label_base,
+                              preprocessing=facts.preprocessing)
+    raise ValueError(f"Invalid dataset {data.dataset!r}; valid choices: synthetic, digits, "
+                     "cifar10, imagenet, images.")

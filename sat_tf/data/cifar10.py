@@ -38,11 +38,29 @@ def _tfrecord_stream(data: DataConfig, split: str, input_context):
     return ds, tfrecord.parse
 
 
+DOWNLOAD_HOST = "www.cs.toronto.edu"     # where tensorflow-datasets downloads CIFAR-10 from
+PROBE_TIMEOUT_SECONDS = 5.0
+
+
+def _probe(host: str, port: int = 443, timeout: float = PROBE_TIMEOUT_SECONDS) -> None:
+    """Raises ConnectionError (an OSError) unless ``host:port`` accepts a connection within
+    ``timeout`` seconds (a name that does not resolve fails at once)."""
+    import socket
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise ConnectionError(f"{host} is not reachable: {e.strerror or e}") from None
+
+
 def _tfds_stream(data: DataConfig, split: str, input_context):
     import tensorflow_datasets as tfds
 
     builder = tfds.builder("cifar10", data_dir=data.data_dir)
     try:
+        if not builder.is_prepared():
+            # tensorflow-datasets retries a failed download for minutes; one quick probe of
+            # the host tells an offline machine in seconds.
+            _probe(DOWNLOAD_HOST)   # (read at call time: tests point it elsewhere)
         builder.download_and_prepare()
     except OSError as e:   # no network (requests' ConnectionError is an OSError), disk full...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -50,7 +68,8 @@ def _tfds_stream(data: DataConfig, split: str, input_context):
             f"CIFAR-10 could not be downloaded/prepared by tensorflow-datasets into "
             f"{builder.data_dir} ({reason[:200]}); without internet, convert the official "
             "archive with run/make_tfrecords.py --dataset=cifar10 and train with "
-            "--data_source=tfrecord --data_dir=<its output>.") from e
+            "--data_source=tfrecord --data_dir=<its output> (or start with --dataset=digits: "
+            "no download).") from e
     tfds_split = _SPLITS[split]
     if input_context is not None and input_context.num_input_pipelines > 1:
         tfds_split = tfds.even_splits(tfds_split, n=input_context.num_input_pipelines)[

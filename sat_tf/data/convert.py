@@ -37,6 +37,7 @@ import lzma
 import os
 import pickle
 import random
+import re
 import sys
 import tarfile
 import time
@@ -50,6 +51,9 @@ from sat_tf.data import tfrecord
 from sat_tf.data.cifar10 import CLASS_NAMES as CIFAR10_CLASSES
 
 IMAGENET_SHARDS = {"train": 1024, "validation": 128}
+# Records per shard of the official layout (1,281,167 / 1024 and 50,000 / 128): a smaller
+# folder gets proportionally fewer shards (at least one), ImageNet exactly the official counts.
+IMAGENET_SHARD_RECORDS = {"train": 1251, "validation": 390}
 CIFAR10_SHARDS = {"train": 16, "test": 4}
 CIFAR10_COUNTS = {"train": 50_000, "test": 10_000}
 MANIFEST_FILE = "conversion.json"
@@ -82,12 +86,14 @@ class Result:
 # Writing shards (shared by both converters).
 
 def write_splits(output_dir: str, dataset: str, splits: Sequence[Split], label_map: Sequence[str],
-                 *, source: dict | None = None, num_workers: int | None = None,
-                 progress: bool = True) -> Result:
+                 *, source: dict | None = None, image_size: dict | None = None,
+                 num_workers: int | None = None, progress: bool = True) -> Result:
     """Writes every missing shard of ``splits`` into ``output_dir`` (see the module doc).
 
     ``source`` records the input: ``{"path": ..., "bytes": ..., "sha256": ...}`` (and
     ``"files"`` for a folder tree); an output claimed by another input is refused.
+    ``image_size`` records the images' size (:func:`image_size_sample`). With the class
+    count, split sizes and label base, it is what training reads (``sat_tf.data.info``).
     """
     for s in splits:
         if not 1 <= s.num_shards <= max(len(s.items), 1) or not s.items:
@@ -95,7 +101,10 @@ def write_splits(output_dir: str, dataset: str, splits: Sequence[Split], label_m
                              f"{len(s.items)} images; it must be in [1, number of images].")
     manifest = {"format": "sat_tf official-imagenet-tfrecord v1", "dataset": dataset,
                 "splits": {s.name: {"num_shards": s.num_shards, "num_examples": len(s.items),
-                                    "fingerprint": s.fingerprint} for s in splits}}
+                                    "fingerprint": s.fingerprint} for s in splits},
+                "num_classes": len(label_map), "label_base": 1}
+    if image_size is not None:
+        manifest["image_size"] = image_size
     if source is not None:
         manifest["input"] = source
     _claim(output_dir, manifest, splits)
@@ -159,11 +168,14 @@ def _claim(output_dir: str, manifest: dict, splits: Sequence[Split]) -> None:
         if old is not None and _without_path(old) != _without_path(new):
             raise ValueError(f"{output_dir!r} holds the conversion of {_describe(old)}; "
                              f"{_describe(new)} is a different input: use a new output folder.")
-        if _without_input(existing) != _without_input(manifest):
+        if existing.get("splits") != manifest["splits"]:
             raise ValueError(f"{output_dir!r} holds a different conversion ({path} differs: other "
                              "shard counts or examples); use an empty folder.")
-        if old is None and new is not None:
-            _write_text(output_dir, MANIFEST_FILE, _manifest_text(manifest))
+        # A record from an older version gains what it lacks (the input, the facts training
+        # reads); its path stays the first one.
+        missing = {k: v for k, v in manifest.items() if k not in existing}
+        if missing:
+            _write_text(output_dir, MANIFEST_FILE, _manifest_text({**existing, **missing}))
         return
     for s in splits:
         stray = tf.io.gfile.glob(os.path.join(output_dir, f"{s.name}-*"))
@@ -175,10 +187,6 @@ def _claim(output_dir: str, manifest: dict, splits: Sequence[Split]) -> None:
 
 def _manifest_text(manifest: dict) -> str:
     return json.dumps(manifest, indent=1, sort_keys=True) + "\n"
-
-
-def _without_input(manifest: dict) -> dict:
-    return {k: v for k, v in manifest.items() if k != "input"}
 
 
 def _without_path(source: dict | None) -> dict:
@@ -273,6 +281,30 @@ class _ImageItem:
     label: int            # 1-based
     synset: str
     text: str
+
+
+IMAGE_SIZE_SAMPLE = 256      # images whose size a folder conversion records
+
+
+def image_size_sample(paths: Sequence[str], sample: int = IMAGE_SIZE_SAMPLE) -> dict:
+    """The median height, width and short side of up to ``sample`` of the images (evenly
+    spaced in ``paths``), read from their headers only; training chooses its default
+    preprocessing and image size from them."""
+    from PIL import Image
+
+    step = max(1, len(paths) // sample)
+    sizes = []
+    for path in list(paths)[::step][:sample]:
+        try:
+            with tf.io.gfile.GFile(path, "rb") as f, Image.open(f) as image:
+                width, height = image.size
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise ValueError(f"Cannot decode image {path}: {e}") from None
+        sizes.append((height, width))
+    heights, widths = np.array(sizes).T
+    return {"sampled": len(sizes), "median_height": int(np.median(heights)),
+            "median_width": int(np.median(widths)),
+            "median_short_side": int(np.median(np.minimum(heights, widths)))}
 
 
 def _encode_image_item(item: _ImageItem) -> bytes:
@@ -420,9 +452,14 @@ def _tree_source(input_dir: str, paths: Sequence[str], extra: dict[str, str | No
             "bytes": sum(size for size, _ in stats), "sha256": digest.hexdigest()}
 
 
+def default_shards(split: str, num_images: int) -> int:
+    """The official shard count, or fewer for a smaller folder (see IMAGENET_SHARD_RECORDS)."""
+    return max(1, min(IMAGENET_SHARDS[split], -(-num_images // IMAGENET_SHARD_RECORDS[split])))
+
+
 def convert_imagenet_tree(input_dir: str, output_dir: str, *,
-                          train_shards: int = IMAGENET_SHARDS["train"],
-                          validation_shards: int = IMAGENET_SHARDS["validation"],
+                          train_shards: int | None = None,
+                          validation_shards: int | None = None,
                           validation_labels: str | None = None, synset_texts: str | None = None,
                           num_workers: int | None = None, progress: bool = True) -> Result:
     """Converts the folder tree (see the module doc); returns the example counts."""
@@ -430,6 +467,7 @@ def convert_imagenet_tree(input_dir: str, output_dir: str, *,
     texts = read_synset_texts(synset_texts)
     label = {s: i + 1 for i, s in enumerate(synsets)}
     shards = {"train": train_shards, "validation": validation_shards}
+    shards = {k: v or default_shards(k, len(found.get(k, ()))) for k, v in shards.items()}
     splits = []
     for name, pairs in found.items():
         items = [_ImageItem(p, label[s], s, texts.get(s, s)) for p, s in pairs]
@@ -437,10 +475,20 @@ def convert_imagenet_tree(input_dir: str, output_dir: str, *,
         fingerprint = _fingerprint(f"{os.path.relpath(i.path, input_dir)}\t{i.label}"
                                    for i in items)
         splits.append(Split(name, items, shards[name], _encode_image_item, fingerprint))
-    source = _tree_source(input_dir, [p for pairs in found.values() for p, _ in pairs],
-                          {"validation_labels": validation_labels, "synset_texts": synset_texts})
-    return write_splits(output_dir, "imagenet", splits, synsets, source=source,
-                        num_workers=num_workers, progress=progress)
+    paths = [p for pairs in found.values() for p, _ in pairs]
+    source = _tree_source(input_dir, paths, {"validation_labels": validation_labels,
+                                             "synset_texts": synset_texts})
+    return write_splits(output_dir, tree_dataset(synsets), splits, synsets, source=source,
+                        image_size=image_size_sample(sorted(paths)), num_workers=num_workers,
+                        progress=progress)
+
+
+def tree_dataset(synsets: Sequence[str]) -> str:
+    """The dataset name a folder tree is recorded (and trained) as: "imagenet" for the 1,000
+    ILSVRC synsets, else "images" (any class-per-folder dataset)."""
+    if len(synsets) == 1000 and all(re.fullmatch(r"n\d{8}", s) for s in synsets):
+        return "imagenet"
+    return "images"
 
 
 # --------------------------------------------------------------------------------------------
@@ -758,4 +806,7 @@ def convert_cifar10_archive(archive: str, output_dir: str, *,
         items = list(zip(images, labels, names))
         splits.append(Split(split, items, shards[split], _encode_cifar_item, digest.hexdigest()))
     return write_splits(output_dir, "cifar10", splits, CIFAR10_CLASSES, source=source,
+                        image_size={"sampled": sum(len(s.items) for s in splits),
+                                    "median_height": 32, "median_width": 32,
+                                    "median_short_side": 32},
                         num_workers=num_workers, progress=progress)

@@ -14,6 +14,11 @@ resized bicubic to ``image_size``, clipped to [0, 255] and flipped at random; th
 RandAugment / AutoAugment (:mod:`sat_tf.data.augment`). Eval: the centre square of side
 ``image_size / (image_size + 32)`` of the short side, decoded the same way, bicubic, clipped.
 
+Small images and datasets other than ImageNet choose their preprocessing
+(``DataConfig.preprocessing``, default by image size: :func:`sat_tf.data.info`): "resize"
+takes the whole image (bicubic resize to ``image_size``; a random flip in training), "cifar"
+the whole image resized, then CIFAR-10's pad-4 random crop and flip in training.
+
 Randomness is stateless, keyed by ``DataConfig.seed`` and the example's position in this
 host's stream, so a pipeline is reproducible from its seed.
 """
@@ -73,6 +78,28 @@ def preprocess_train(image_bytes, key, image_size: int, data: DataConfig | None 
     return image
 
 
+def decode_whole(image_bytes, image_size: int):
+    """Encoded JPEG/PNG bytes -> the whole image, float32 ``[image_size, image_size, 3]`` in
+    [0, 255] (bicubic, clipped): the "resize" and "cifar" preprocessing's evaluation input."""
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    return tf.ensure_shape(_resize(image, image_size), [image_size, image_size, 3])
+
+
+def preprocess_whole_train(image_bytes, key, image_size: int, preprocessing: str,
+                           data: DataConfig | None = None):
+    """Training input of the "resize" (flip) and "cifar" (pad-4 crop, flip) preprocessing."""
+    crop_key, flip_key, augment_key = tf.unstack(tf.random.experimental.stateless_split(key, 3))
+    image = decode_whole(image_bytes, image_size)
+    if preprocessing == "cifar":
+        pad = 4
+        image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+        image = tf.image.stateless_random_crop(image, [image_size, image_size, 3], crop_key)
+    image = tf.image.stateless_random_flip_left_right(image, flip_key)
+    if data is not None and data.augment != "none":
+        image = augment.apply(image, augment_key, data)
+    return image
+
+
 def _tfrecord_stream(data: DataConfig, split: str, input_context):
     """``(file, index, record, readable)`` of one pass over this host's shards."""
     files = tfrecord.list_files(data.data_dir, _SPLITS[split])
@@ -105,15 +132,21 @@ def _tfds_stream(data: DataConfig, split: str, input_context):
     return ds, lambda payload: payload
 
 
-def build(data: DataConfig, *, split: str, batch_size: int, image_size=None, input_context=None):
-    """The ImageNet split as the ``sat_tf.data`` contract describes."""
+def build(data: DataConfig, *, split: str, batch_size: int, image_size=None, input_context=None,
+          label_base: int = 1, preprocessing: str = "imagenet"):
+    """The split as the ``sat_tf.data`` contract describes; ``label_base`` is the first label
+    in the TFRecords, ``preprocessing`` one of :data:`sat_tf.config.PREPROCESSINGS`."""
     size = image_size or DEFAULT_IMAGE_SIZE
+    if preprocessing not in ("imagenet", "resize", "cifar"):
+        raise ValueError(f"Invalid preprocessing {preprocessing!r}; valid choices: imagenet, "
+                         "resize, cifar.")
     source = data.resolved_source()
     if source == "tfrecord":
         if not data.data_dir:
-            raise ValueError("dataset 'imagenet' needs data_dir (a folder of train-*/validation-* "
-                             "TFRecords).")
-        stream, parse = _tfrecord_stream(data, split, input_context)
+            raise ValueError(f"dataset {data.dataset!r} needs data_dir (a folder of "
+                             "train-*/validation-* TFRecords).")
+        stream, _ = _tfrecord_stream(data, split, input_context)
+        parse = lambda raw: tfrecord.parse(raw, label_base)   # noqa: E731
     elif source == "tfds":
         stream, parse = _tfds_stream(data, split, input_context)
     else:
@@ -127,14 +160,19 @@ def build(data: DataConfig, *, split: str, batch_size: int, image_size=None, inp
 
         def example(raw, position):
             image_bytes, label = parse(raw)
-            return preprocess_train(image_bytes, key(position), size, data), label
+            if preprocessing == "imagenet":
+                return preprocess_train(image_bytes, key(position), size, data), label
+            return preprocess_whole_train(image_bytes, key(position), size, preprocessing,
+                                          data), label
 
         ds = pipeline.decode_reporting_corrupt(ds, example, skip_corrupt=data.skip_corrupt)
         return pipeline.batch_train(ds, batch_size)
 
     def eval_example(raw, position):
         image_bytes, label = parse(raw)
-        return preprocess_eval(image_bytes, size), label
+        if preprocessing == "imagenet":
+            return preprocess_eval(image_bytes, size), label
+        return decode_whole(image_bytes, size), label
 
     ds = pipeline.decode_reporting_corrupt(stream, eval_example, skip_corrupt=data.skip_corrupt)
     if data.cache_eval:     # float32 pixels: image_size^2 * 12 bytes per example, in memory

@@ -71,11 +71,13 @@ _PARSE_FEATURES = {
 }
 
 
-def parse(record):
-    """``(encoded image bytes, int32 0-based label)`` of one serialized record."""
+def parse(record, label_base: int = 1):
+    """``(encoded image bytes, int32 0-based label)`` of one serialized record; labels on disk
+    start at ``label_base`` (1 in the official format)."""
     features = tf.io.parse_single_example(record, _PARSE_FEATURES)
-    label = tf.cast(features["image/class/label"], tf.int32) - 1
-    check = tf.debugging.assert_non_negative(label, message="labels on disk must be 1-based")
+    label = tf.cast(features["image/class/label"], tf.int32) - label_base
+    check = tf.debugging.assert_non_negative(
+        label, message=f"labels on disk must start at {label_base} (see --label_base)")
     with tf.control_dependencies([check]):
         return features["image/encoded"], tf.identity(label)
 
