@@ -134,9 +134,10 @@ def test_checkpoint_export_and_saved_model_give_the_same_report(run_dir, tmp_pat
         assert (r["model"]["name"], r["model"]["activation"], r["model"]["step"],
                 r["model"]["weights"]) == ("wrn-10-1", "silu", 6, "ema")
         assert r["data"]["complete"] and r["data"]["examples_in_split"] == EVAL_EXAMPLES
-        # The run's protocol (steps 1, 3; step size 2) with the flag's epsilon.
+        # The run's protocol (steps 1, 3) with its own evaluation attack's step size (1, not
+        # the protocol section's 2) and the flag's epsilon.
         assert [(x["config"]["num_steps"], x["config"]["epsilon"], x["config"]["step_size"])
-                for x in r["attacks"]] == [(1, 8.0, 2.0), (3, 8.0, 2.0)]
+                for x in r["attacks"]] == [(1, 8.0, 1.0), (3, 8.0, 1.0)]
         assert not any(x["config"]["random_start"] for x in r["attacks"])
         assert [d["config"]["epsilon"] for d in r["diagnostic_attacks"]] == [64.0]
         assert r["paper"]["clean"] == 50.0     # the run's paper numbers travel with it

@@ -75,7 +75,7 @@ def _for(requirements, extra=None):
 
 def test_no_unconditional_requirement_is_a_tensorflow_build(requirements):
     assert set(_for(requirements)) == {"keras", "tensorflow-datasets", "importlib-resources",
-                                       "absl-py", "numpy", "pillow"}
+                                       "absl-py", "numpy", "pillow", "scikit-learn"}
     assert not TF & set(_for(requirements))
 
 
