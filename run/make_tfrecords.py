@@ -70,14 +70,16 @@ def _checked():
         raise ValueError("--input is required.")
     if not FLAGS.output_dir:
         raise ValueError("--output_dir is required.")
-    if FLAGS.dataset is None and "://" not in FLAGS.input and os.path.exists(FLAGS.input):
-        FLAGS.dataset = "imagenet" if os.path.isdir(FLAGS.input) else "cifar10"
-    if FLAGS.dataset is None:
-        raise ValueError(f"Give --dataset ({', '.join(DATASETS)}) for --input {FLAGS.input!r}.")
     for name in ("train_shards", "validation_shards", "num_workers"):
         v = getattr(FLAGS, name)
         if v is not None and v < 1:
             raise ValueError(f"Invalid --{name} {v}; it must be >= 1.")
+    if "://" not in FLAGS.input and not os.path.exists(FLAGS.input):
+        raise ValueError(f"--input {FLAGS.input!r} does not exist.")
+    if FLAGS.dataset is None and "://" not in FLAGS.input:
+        FLAGS.dataset = "imagenet" if os.path.isdir(FLAGS.input) else "cifar10"
+    if FLAGS.dataset is None:
+        raise ValueError(f"Give --dataset ({', '.join(DATASETS)}) for --input {FLAGS.input!r}.")
     import tensorflow as tf
 
     if not tf.io.gfile.exists(FLAGS.input):
