@@ -237,3 +237,19 @@ def test_own_folder_trains_evaluates_and_exports_with_only_paths(folder, tmp_pat
     stdout, err = _run("eval.py", *args, "--skip_corrupt")
     assert f"skipped corrupt record 0 of {shard}" in err
     assert f"on images: {len(truth['validation'])} examples" in stdout
+
+
+def test_a_resolved_run_does_not_read_the_record_again(folder, monkeypatch):
+    """Every host pipeline of a pod builds from the resolved experiment: no further reads of
+    conversion.json (a round trip each on a bucket)."""
+    _, out, _ = folder
+    exp = training.resolve_experiment(Experiment(
+        model=ModelConfig(name="wrn-10-1"), data=DataConfig(dataset="images", data_dir=out)))
+
+    def read(data_dir):
+        raise AssertionError(f"conversion.json of {data_dir} read again")
+
+    monkeypatch.setattr(data_lib, "read_metadata", read)
+    assert training.model_shape(exp) == (10, 32)
+    facts = data_lib.info(exp.data)
+    assert (facts.num_classes, facts.num_eval_examples, facts.preprocessing) == (10, 50, "resize")

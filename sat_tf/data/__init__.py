@@ -25,6 +25,8 @@ from sat_tf.config import DataConfig
 MANIFEST_FILE = "conversion.json"     # what run/make_tfrecords.py records beside the shards
 SMALL_IMAGE = 64                      # default preprocessing: "resize" at or below this size
 _EVAL_SPLITS = ("validation", "test")  # the converters' names of the evaluation split
+_FACTS = ("num_classes", "num_train_examples", "num_eval_examples", "label_base",
+          "preprocessing")
 _IMAGENET = dict(num_classes=1000, num_train_examples=1_281_167, num_eval_examples=50_000)
 
 
@@ -129,8 +131,11 @@ def info(data: DataConfig) -> DatasetInfo:
     elif data.dataset in ("imagenet", "images"):
         facts = dict(_IMAGENET) if data.dataset == "imagenet" else {}
         facts["image_size"] = None
-        manifest = (read_metadata(data.data_dir) if data.resolved_source() == "tfrecord"
-                    else None)
+        # A resolved experiment (sat_tf.training.resolve_experiment) carries every fact: the
+        # pipelines of a pod's hosts then do not read the record again, one round trip each.
+        known = all(getattr(data, f) is not None for f in _FACTS)
+        manifest = (read_metadata(data.data_dir)
+                    if data.resolved_source() == "tfrecord" and not known else None)
         if manifest is not None:
             facts.update(_from_metadata(manifest))
             facts["metadata"] = manifest["_path"]
