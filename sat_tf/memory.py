@@ -174,17 +174,6 @@ def _efficientnet_elements(variant: str, size: int, num_classes: int) -> int:
     return total + head + dropout + num_classes               # pooling, dropout, logits
 
 
-def _canonical_name(family: str, args: dict) -> str:
-    """As sat_tf.models: "resnet-50", "resnext-50-32x4d", "wrn-34-10", "efficientnet-b0"."""
-    if family == "resnet":
-        return f"resnet-{args['depth']}"
-    if family == "resnext":
-        return f"resnext-{args['depth']}-{args['cardinality']}x{args['bottleneck_width']}d"
-    if family == "wrn":
-        return f"wrn-{args['depth']}-{args['width']}"
-    return f"efficientnet-{args['variant']}"
-
-
 def _resnet_blocks(family: str, args: dict) -> list[resnet_arch.Block]:
     if family == "wrn":
         return resnet_arch.wrn_blocks(args["depth"], args["width"])
@@ -287,7 +276,7 @@ def estimate(name: str, *, image_size: int | None = None, stem: str | None = Non
     copies = 2 + optimizer_slots + (1 if ema else 0)          # weights, gradients, slots, EMA
     activation_bytes = math.ceil(elements * per_replica_batch * ACTIVATION_BYTES[precision]
                                  * TRAINING_FACTOR)
-    return Estimate(_canonical_name(family, args), size, int(per_replica_batch),
+    return Estimate(names.canonical_name(family, args), size, int(per_replica_batch),
                     int(attack_steps) if adversarial else 0, precision, params, elements,
                     params * WEIGHT_BYTES * copies, activation_bytes)
 

@@ -49,16 +49,6 @@ class Spec:
     drop_connect_rate: float  # EfficientNet only (0 for the others)
 
 
-def _canonical_name(family: str, args: dict) -> str:
-    if family == "resnet":
-        return f"resnet-{args['depth']}"
-    if family == "resnext":
-        return f"resnext-{args['depth']}-{args['cardinality']}x{args['bottleneck_width']}d"
-    if family == "wrn":
-        return f"wrn-{args['depth']}-{args['width']}"
-    return f"efficientnet-{args['variant']}"
-
-
 def default_image_size(name: str) -> int:
     """The image size ``name`` is built for by default: 224 (ResNet, ResNeXt; ImageNet stem),
     32 (Wide-ResNet), the scaling table's (EfficientNet)."""
@@ -81,7 +71,7 @@ def resolve(name: str, activation: str = "relu", num_classes: int = 1000,
             dropout_rate: float | None = None, drop_connect_rate: float | None = None) -> Spec:
     """Checks every argument of :func:`build_model` (one-line ValueErrors) and fills defaults."""
     family, args = names.model(name)
-    canonical = _canonical_name(family, args)
+    canonical = names.canonical_name(family, args)
     activation = names.activation(activation)
     if (isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral)
             or num_classes <= 0):

@@ -83,3 +83,15 @@ def model(name: str) -> tuple[str, dict]:
     if m and m.group(1) in EFFICIENTNET_VARIANTS:
         return "efficientnet", {"variant": m.group(1)}
     raise ValueError(f"Unknown model {name!r}; valid models: {MODEL_NAMES_HELP}.")
+
+
+def canonical_name(family: str, args: dict) -> str:
+    """The canonical name of a parsed model name: "resnet-50", "resnext-50-32x4d",
+    "wrn-34-10", "efficientnet-b0"."""
+    if family == "resnet":
+        return f"resnet-{args['depth']}"
+    if family == "resnext":
+        return f"resnext-{args['depth']}-{args['cardinality']}x{args['bottleneck_width']}d"
+    if family == "wrn":
+        return f"wrn-{args['depth']}-{args['width']}"
+    return f"efficientnet-{args['variant']}"
