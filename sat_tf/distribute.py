@@ -188,3 +188,31 @@ def per_replica_batch_size(global_batch_size: int, strategy: tf.distribute.Strat
             f"The {what} {global_batch_size} is not divisible by the {n} replicas of "
             f"{type(strategy).__name__}; use a multiple of {n}.")
     return global_batch_size // n
+
+
+def chief(strategy: tf.distribute.Strategy) -> tuple[bool, int]:
+    """(is this process the chief, its worker index) under a multi-worker strategy; every
+    single-process strategy is its own chief, worker 0."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+        return True, 0
+    task_type, task_id = resolver.task_type, resolver.task_id or 0
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    is_chief = task_type in (None, "chief") or (task_type == "worker" and task_id == 0
+                                                and not has_chief)
+    return is_chief, task_id
+
+
+def spans_processes(strategy: tf.distribute.Strategy) -> bool:
+    """Whether the strategy's replicas run in several processes (MultiWorkerMirroredStrategy
+    across workers), which must then agree on decisions such as stopping."""
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.num_replicas_in_sync > len(strategy.extended.worker_devices))
+
+
+def local_replicas(strategy: tf.distribute.Strategy) -> int:
+    """How many of the strategy's replicas run on this host."""
+    try:
+        return len(strategy.extended.worker_devices)
+    except RuntimeError:          # the default strategy: one replica
+        return 1

@@ -298,7 +298,7 @@ def export_saved_model(model: keras.Model, export_dir: str, *, metadata: dict | 
 
     Args:
       model: a Keras model taking float32 [batch, size, size, 3] pixels in [0, 255]. Give the
-        weights to export (EMA weights already swapped in by ``training.load_model``).
+        weights to export (EMA weights already swapped in by ``rundir.load_model``).
       export_dir: a new or empty folder (local or gs://), or a previous export with
         ``overwrite``.
       metadata: facts to record (model name, activation, training step, weights, ...); the

@@ -13,7 +13,7 @@ import os
 
 from sat_tf.config import Experiment
 
-EXPERIMENT_FILE = "experiment.json"          # sat_tf.training writes it into model_dir
+EXPERIMENT_FILE = "experiment.json"          # sat_tf.rundir writes it into model_dir
 EXPORT_METADATA = "assets/sat_tf_export.json"  # sat_tf.export writes it into the SavedModel
 
 
@@ -99,11 +99,11 @@ def load(source: Source):
                 "num_classes": model.num_classes, "source": "saved_model", "path": source.path}
         return model, info
 
-    from sat_tf import training
-    model, exp, step, checkpoint = training.load_run(
+    from sat_tf import rundir
+    model, exp, step, checkpoint = rundir.load_run(
         source.path, checkpoint=source.checkpoint, use_ema=source.use_ema)
     source.experiment = exp
-    num_classes, image_size = training.model_shape(exp)
+    num_classes, image_size = rundir.model_shape(exp)
     info = {"name": exp.model.name, "activation": exp.model.activation, "step": step,
             "weights": "ema" if (source.use_ema and exp.train.ema_decay) else "raw",
             "checkpoint": checkpoint, "experiment_name": exp.name, "image_size": image_size,

@@ -15,6 +15,9 @@ A run directory holds ``experiment.json`` (the run's configuration), checkpoints
 * :func:`find_checkpoints` / :func:`restore_newest_readable`: the newest checkpoint that can be
   read, even when the ``checkpoint`` state file is unparsable or the newest checkpoint is
   truncated (each skipped one is named), and a state file repaired to match.
+* :func:`resolve_experiment` / :func:`model_shape` / :func:`build_model`: the facts a run
+  records about its model and data, and the model they describe.
+* :func:`load_run` / :func:`load_model`: a trained model back from its directory.
 """
 from __future__ import annotations
 
@@ -26,11 +29,15 @@ import socket
 import time
 from typing import Callable
 
+import keras
 import tensorflow as tf
 
+from sat_tf import data as data_lib
 from sat_tf.config import Experiment
+from sat_tf.ema import ExponentialMovingAverage
 
 EXPERIMENT_FILE = "experiment.json"
+CHECKPOINT_PREFIX = "ckpt"
 FINAL_EVAL_FILE = "final_eval.json"
 LOCK_FILE = ".lock"
 REMOTE_LOCK_STALE_SECONDS = 15 * 60
@@ -46,7 +53,7 @@ MAY_CHANGE = (
     "data.cache_eval", "data.shuffle_buffer",
 )
 
-# Facts a run records since they were looked up once (sat_tf.training.resolve_experiment):
+# Facts a run records since they were looked up once (:func:`resolve_experiment`):
 # a run directory written before they were recorded holds None there, which matches any value.
 RECORDED_LATER = (
     "model.num_classes", "model.image_size", "data.num_classes", "data.num_train_examples",
@@ -295,3 +302,109 @@ def _repair_state(model_dir: str, latest: str, readable_and_older: list[str]) ->
         return
     tf.compat.v1.train.update_checkpoint_state(
         model_dir, latest, all_model_checkpoint_paths=list(reversed(readable_and_older)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model of a run
+
+def model_shape(exp: Experiment) -> tuple[int, int]:
+    """(num_classes, image_size) the experiment's model is built with: the model section's
+    values, else the dataset's class count and natural image size, else the model's default
+    image size."""
+    info = data_lib.info(exp.data)
+    num_classes = exp.model.num_classes or info.num_classes
+    if num_classes is None:
+        raise ValueError(f"The class count of dataset {exp.data.dataset!r} in "
+                         f"{exp.data.data_dir!r} is unknown (no conversion.json from "
+                         "run/make_tfrecords.py beside the shards); give --num_classes.")
+    if info.num_classes is not None and num_classes < info.num_classes:
+        where = f" ({info.metadata})" if info.metadata else ""
+        raise ValueError(f"num_classes {num_classes} is smaller than the {info.num_classes} "
+                         f"classes of dataset {exp.data.dataset!r}{where}.")
+    image_size = exp.model.image_size or info.image_size
+    if image_size is None:
+        from sat_tf import models
+        image_size = models.default_image_size(exp.model.name)
+    return num_classes, image_size
+
+
+def resolve_experiment(exp: Experiment) -> Experiment:
+    """A copy of ``exp`` with the facts otherwise looked up at every start filled in: the
+    model's class count and image size, the data's class count, split sizes, label base and
+    preprocessing (from the folder's conversion.json or the dataset's known values). A run
+    records them in experiment.json, so loading it later needs no data folder and a resumed
+    run is checked against what it trained with."""
+    num_classes, image_size = model_shape(exp)
+    facts = data_lib.info(exp.data)
+    return exp.replace(**{
+        "model.num_classes": num_classes, "model.image_size": image_size,
+        "data.num_classes": facts.num_classes,
+        "data.num_train_examples": facts.num_train_examples,
+        "data.num_eval_examples": facts.num_eval_examples,
+        "data.label_base": facts.label_base, "data.preprocessing": facts.preprocessing})
+
+
+def build_model(exp: Experiment, model_fn: Callable | None = None) -> keras.Model:
+    """``model_fn(num_classes=, image_size=)`` if given, else the model ``exp.model`` names."""
+    num_classes, image_size = model_shape(exp)
+    if model_fn is not None:
+        return model_fn(num_classes=num_classes, image_size=image_size)
+    from sat_tf import models
+    return models.build_model_from_config(exp.model, num_classes=num_classes,
+                                          image_size=image_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a trained model
+
+def load_model(model_dir: str, *, checkpoint: str | None = None, use_ema: bool = True,
+               model_fn: Callable | None = None) -> tuple[keras.Model, Experiment, int]:
+    """Rebuilds the model of a training run and restores its weights.
+
+    Args:
+      model_dir: the run's directory (``experiment.json`` and checkpoints).
+      checkpoint: a checkpoint path (default: the latest in ``model_dir``).
+      use_ema: put the EMA weights in the model when the run kept them.
+      model_fn: as in :class:`sat_tf.training.Trainer`, when the run used a custom model.
+
+    Returns:
+      (model, experiment, step).
+    """
+    model, exp, step, _ = load_run(model_dir, checkpoint=checkpoint, use_ema=use_ema,
+                                   model_fn=model_fn)
+    return model, exp, step
+
+
+def load_run(model_dir: str, *, checkpoint: str | None = None, use_ema: bool = True,
+             model_fn: Callable | None = None, log: Callable[[str], None] = print
+             ) -> tuple[keras.Model, Experiment, int, str]:
+    """:func:`load_model`, also returning the checkpoint restored. Without ``checkpoint``, the
+    newest readable one (damaged newer ones are skipped, each named through ``log``)."""
+    exp = read_experiment(model_dir)
+    if exp is None:
+        raise ValueError(f"{model_dir!r} holds no {EXPERIMENT_FILE}; is it a training model_dir?")
+    model = build_model(exp, model_fn)
+    step = tf.Variable(0, dtype=tf.int64, trainable=False)
+    objects = dict(model=model, step=step)
+    ema = None
+    if use_ema and exp.train.ema_decay:
+        ema = objects["ema"] = ExponentialMovingAverage(model, exp.train.ema_decay)
+    ckpt = tf.train.Checkpoint(**objects)
+    if checkpoint:
+        try:
+            ckpt.restore(checkpoint).expect_partial().assert_existing_objects_matched()
+        except UNREADABLE as e:
+            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise RunDirError(f"Checkpoint {checkpoint!r} cannot be read ({reason}).") from None
+        path = checkpoint
+    else:
+        restored = restore_newest_readable(ckpt, model_dir, prefix=CHECKPOINT_PREFIX, log=log,
+                                           repair=False, partial=True)
+        if restored.path is None:
+            detail = f" that can be read ({'; '.join(restored.skipped)})" if (
+                restored.skipped) else ""
+            raise ValueError(f"{model_dir!r} holds no checkpoint{detail}.")
+        path = restored.path
+    if ema is not None:
+        ema.copy_to_model()
+    return model, exp, int(step.numpy()), path

@@ -1,27 +1,17 @@
-"""The adversarial training engine: the distributed step, the loop, checkpoints, summaries.
+"""The training loop of one run: steps per host round trip, checkpoints, logs and summaries,
+periodic evaluation, stopping on SIGTERM or a diverged loss.
 
-One training step (DESIGN.md §3, §5), per replica:
+The :class:`Trainer` builds the model, optimizer, EMA and step counter of an experiment in the
+strategy's scope and runs :class:`sat_tf.step.TrainStep` (the per-replica step) under
+``strategy.run``. ``steps_per_loop`` steps run inside one ``tf.function`` (a graph loop over
+``strategy.run``) per host round trip, with input from
+``strategy.distribute_datasets_from_function``. Between loops the host logs, writes TensorBoard
+summaries, checkpoints, evaluates, and checks for a non-finite loss (which stops training and
+leaves the last good checkpoint untouched) and for SIGTERM (which saves a checkpoint and
+returns).
 
-1. attack the batch: ``attacks.pgd`` with ``Experiment.train_attack`` (batch norm in inference
-   mode, the attacker's backward rule) — skipped when ``TrainConfig.adversarial`` is False;
-2. forward the (adversarial) images with ``training=True`` inside
-   ``activations.backward_rule(TrainConfig.optimizer_backward)`` (Table 1's optimizer arm);
-3. loss = label-smoothed cross-entropy summed over the replica's examples / global batch
-   + ``weight_decay * 0.5 * sum(w^2)`` / replicas, over the weights
-   ``TrainConfig.weight_decay_scope`` selects by layer type (:func:`decayed_weights`): the
-   conv/dense kernels (the SAT release's ResNet) or every non-batch-norm weight (the TPU
-   EfficientNet code, which includes biases and smooth_relu's learnable beta);
-4. gradients (summed over replicas by the optimizer) -> optimizer; the batch-norm moving
-   statistics are averaged over replicas (Keras 3 lets each replica keep its own copy);
-   the exponential moving average (EMA) of the weights is updated.
-
-``steps_per_loop`` steps run inside one ``tf.function`` (a graph loop over ``strategy.run``)
-per host round trip, with input from ``strategy.distribute_datasets_from_function``. Between
-loops the host logs, writes TensorBoard summaries, checkpoints, evaluates, and checks for a
-non-finite loss (which stops training and leaves the last good checkpoint untouched) and
-for SIGTERM (which saves a checkpoint and returns).
-
-:func:`load_model` rebuilds a trained model from its ``model_dir`` for evaluation and export.
+The run directory (experiment.json, the model a run describes, loading a trained model) is
+:mod:`sat_tf.rundir`; the EMA :mod:`sat_tf.ema`; summaries :mod:`sat_tf.summaries`.
 """
 from __future__ import annotations
 
@@ -34,219 +24,17 @@ from typing import Callable
 
 import keras
 import tensorflow as tf
-from tensorflow.core.framework import summary_pb2
 
-from sat_tf import activations, attacks, distribute, memory, optimizers, rundir, schedules
+from sat_tf import distribute, memory, optimizers, rundir, schedules, summaries
 from sat_tf import data as data_lib
 from sat_tf.config import Experiment
-
-EXPERIMENT_FILE = rundir.EXPERIMENT_FILE
-CHECKPOINT_PREFIX = "ckpt"
-_METRICS = ("loss", "correct", "examples", "clean_correct", "clean_examples", "nonfinite")
+from sat_tf.ema import ExponentialMovingAverage
+from sat_tf.step import LOGS, TrainStep
 
 
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN or Inf."""
 
-
-# ---------------------------------------------------------------------------------------------
-# Model pieces, selected by layer type.
-
-def _layers(model: keras.Model) -> list:
-    return model._flatten_layers(include_self=False, recursive=True)
-
-
-_KERNEL_LAYERS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
-                  keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D, keras.layers.Dense)
-
-
-def decayed_weights(model: keras.Model, scope: str = "non_bn") -> list:
-    """The weights weight decay applies to, selected by layer type.
-
-    ``scope="kernels"``: the kernels of convolution and dense layers (the SAT release's
-    ResNet decays tensorpack's ``.*/W``: no biases, no batch norm, no SmoothReLU beta);
-    ``"non_bn"``: every trainable weight of a layer that is not batch normalization (the TPU
-    EfficientNet code).
-    """
-    if scope == "kernels":
-        kernels = {id(w) for layer in _layers(model) if isinstance(layer, _KERNEL_LAYERS)
-                   for w in (getattr(layer, name, None) for name in
-                             ("kernel", "depthwise_kernel", "pointwise_kernel"))
-                   if w is not None}
-        return [w for w in model.trainable_weights if id(w) in kernels]
-    if scope != "non_bn":
-        raise ValueError(f"Invalid weight_decay_scope {scope!r}; valid choices: kernels, non_bn.")
-    bn = {id(w) for layer in _layers(model)
-          if isinstance(layer, keras.layers.BatchNormalization) for w in layer.weights}
-    return [w for w in model.trainable_weights if id(w) not in bn]
-
-
-def batch_norm_statistics(model: keras.Model) -> list:
-    """The moving mean / variance (non-trainable weights) of every batch-norm layer."""
-    return [w for layer in _layers(model) if isinstance(layer, keras.layers.BatchNormalization)
-            for w in layer.non_trainable_weights]
-
-
-def _on_own_device(variable) -> tf.Tensor:
-    """This replica's value of ``variable``, placed on the variable's device.
-
-    A cross-replica all-reduce sends each value to the device it is on. Under
-    MultiWorkerMirroredStrategy with one device per worker the replica function runs without
-    a device scope, so a plain read has no device and the all-reduce fails ("destinations can
-    not be empty").
-    """
-    value = variable.value if isinstance(variable, keras.Variable) else variable
-    with tf.device(value.device):
-        return tf.identity(value)
-
-
-_REPLICA_SEED_STRIDE = 0x9E3779B97F4A7C15 >> 1    # an odd constant: replica r shifts by r x it
-
-
-@contextlib.contextmanager
-def replica_random_streams(rng_states, replica_id):
-    """Gives each replica its own dropout / stochastic-depth masks inside the context.
-
-    Keras layers draw their masks from ``SeedGenerator`` states ``[seed, counter]``, variables
-    that a strategy mirrors, so every replica would draw the same masks for its own examples.
-    Inside the context (in replica context, in a traced function) replica r's seeds are
-    shifted by ``r * stride``; on exit the shift is taken back, so the states stay identical
-    across replicas and in checkpoints, and the counters advance as without the context.
-    Replica 0 draws exactly what a single replica draws.
-    """
-    shifted = []
-    for state in rng_states:
-        value = state.value if isinstance(state, keras.Variable) else state
-        shift = tf.stack([tf.cast(replica_id, value.dtype) * _REPLICA_SEED_STRIDE,
-                          tf.zeros([], value.dtype)])
-        state.assign(value + shift)
-        shifted.append((state, shift))
-    try:
-        yield
-    finally:
-        for state, shift in shifted:
-            value = state.value if isinstance(state, keras.Variable) else state
-            state.assign(value - shift)
-
-
-def l2_loss(weights) -> tf.Tensor:
-    """0.5 * sum of squares (``tf.nn.l2_loss``), summed over ``weights``, in float32."""
-    return tf.add_n([tf.nn.l2_loss(tf.cast(w, tf.float32)) for w in weights]) if weights else (
-        tf.constant(0.0))
-
-
-# ---------------------------------------------------------------------------------------------
-# Exponential moving average of the weights.
-
-class ExponentialMovingAverage(tf.Module):
-    """Averages of a model's trainable weights and batch-norm moving statistics.
-
-    As ``tf.train.ExponentialMovingAverage(decay, num_updates=global_step)`` in the TPU code,
-    applied after the step increment: update number t (0-based) uses ``num_updates = t + 1``
-    and the decay ``min(decay, (1 + num_updates) / (10 + num_updates))``. The averages are
-    checkpointed with the run; :meth:`swapped` / :meth:`copy_to_model` put them in the model
-    for evaluation and export.
-
-    Under a distribution strategy each replica keeps and updates its own copy of the averages
-    (``ON_READ`` variables; a checkpoint or a cross-replica read takes the first replica's), so
-    an update moves no data between replicas: the weights and batch-norm statistics it
-    averages are already the same on every replica.
-    """
-
-    def __init__(self, model: keras.Model, decay: float):
-        super().__init__(name="ema")
-        self.decay = float(decay)
-        targets = list(model.trainable_weights) + batch_norm_statistics(model)
-        self._targets = _Untracked(targets)
-        self.averages = [
-            tf.Variable(tf.convert_to_tensor(v), trainable=False, name=f"ema_{i}",
-                        synchronization=tf.VariableSynchronization.ON_READ,
-                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-            for i, v in enumerate(targets)]
-
-    def update(self, step) -> None:
-        """Update number ``step`` (0-based: the global step before its increment), in replica
-        or cross-replica context."""
-        num_updates = tf.cast(step, tf.float32) + 1.0
-        decay = tf.minimum(self.decay, (1.0 + num_updates) / (10.0 + num_updates))
-        for avg, v in zip(self.averages, self._targets.value):
-            avg.assign_sub((1.0 - decay) * (avg - tf.cast(tf.convert_to_tensor(v), avg.dtype)))
-
-    def copy_to_model(self) -> None:
-        for avg, v in zip(self.averages, self._targets.value):
-            v.assign(avg.read_value())
-
-    @contextlib.contextmanager
-    def swapped(self):
-        """The averages in the model inside the context, the trained weights after it."""
-        backup = [tf.identity(tf.convert_to_tensor(v)) for v in self._targets.value]
-        self.copy_to_model()
-        try:
-            yield
-        finally:
-            for v, b in zip(self._targets.value, backup):
-                v.assign(b)
-
-
-class _Untracked:
-    """Holds objects without making them checkpoint dependencies of their owner."""
-
-    def __init__(self, value):
-        self.value = value
-
-
-# ---------------------------------------------------------------------------------------------
-# The model of an experiment.
-
-def model_shape(exp: Experiment) -> tuple[int, int]:
-    """(num_classes, image_size) the experiment's model is built with: the model section's
-    values, else the dataset's class count and natural image size, else the model's default
-    image size."""
-    info = data_lib.info(exp.data)
-    num_classes = exp.model.num_classes or info.num_classes
-    if num_classes is None:
-        raise ValueError(f"The class count of dataset {exp.data.dataset!r} in "
-                         f"{exp.data.data_dir!r} is unknown (no conversion.json from "
-                         "run/make_tfrecords.py beside the shards); give --num_classes.")
-    if info.num_classes is not None and num_classes < info.num_classes:
-        where = f" ({info.metadata})" if info.metadata else ""
-        raise ValueError(f"num_classes {num_classes} is smaller than the {info.num_classes} "
-                         f"classes of dataset {exp.data.dataset!r}{where}.")
-    image_size = exp.model.image_size or info.image_size
-    if image_size is None:
-        from sat_tf import models
-        image_size = models.default_image_size(exp.model.name)
-    return num_classes, image_size
-
-
-def resolve_experiment(exp: Experiment) -> Experiment:
-    """A copy of ``exp`` with the facts otherwise looked up at every start filled in: the
-    model's class count and image size, the data's class count, split sizes, label base and
-    preprocessing (from the folder's conversion.json or the dataset's known values). A run
-    records them in experiment.json, so loading it later needs no data folder and a resumed
-    run is checked against what it trained with."""
-    num_classes, image_size = model_shape(exp)
-    facts = data_lib.info(exp.data)
-    return exp.replace(**{
-        "model.num_classes": num_classes, "model.image_size": image_size,
-        "data.num_classes": facts.num_classes,
-        "data.num_train_examples": facts.num_train_examples,
-        "data.num_eval_examples": facts.num_eval_examples,
-        "data.label_base": facts.label_base, "data.preprocessing": facts.preprocessing})
-
-
-def build_model(exp: Experiment, model_fn: Callable | None = None) -> keras.Model:
-    """``model_fn(num_classes=, image_size=)`` if given, else the model ``exp.model`` names."""
-    num_classes, image_size = model_shape(exp)
-    if model_fn is not None:
-        return model_fn(num_classes=num_classes, image_size=image_size)
-    from sat_tf import models
-    return models.build_model_from_config(exp.model, num_classes=num_classes,
-                                          image_size=image_size)
-
-
-# ---------------------------------------------------------------------------------------------
-# The trainer.
 
 class Trainer:
     """Owns the model, optimizer, EMA, step counter and checkpoints of one experiment.
@@ -270,7 +58,7 @@ class Trainer:
         experiment.validate()
         if not experiment.model_dir:
             raise ValueError("The experiment has no model_dir (where checkpoints go).")
-        self.experiment = exp = resolve_experiment(experiment)
+        self.experiment = exp = rundir.resolve_experiment(experiment)
         self.train_cfg = exp.train
         self.log = log
         if strategy is None:
@@ -285,7 +73,7 @@ class Trainer:
         self.eval_batch_size = exp.train.eval_batch_size or self.global_batch_size
         self.per_replica_eval_batch_size = distribute.per_replica_batch_size(
             self.eval_batch_size, self.strategy, what="eval batch size")
-        self.num_classes, self.image_size = model_shape(exp)
+        self.num_classes, self.image_size = rundir.model_shape(exp)
         num_examples = exp.train.num_train_examples or exp.data.num_train_examples
         if num_examples is None:
             raise ValueError(f"The training-set size of dataset {exp.data.dataset!r} in "
@@ -295,7 +83,6 @@ class Trainer:
         self.steps_per_epoch = schedules.steps_per_epoch(exp.train, num_examples)
         self.total_steps = schedules.total_steps(exp.train, num_examples)
         self.model_dir = exp.model_dir
-        self._loss_scaling = exp.runtime.precision_policy() == "mixed_float16"
         self._stop_signal = None
         # Set by SIGTERM / request_stop, read by the graph loop before every step; a plain
         # variable of this process (not mirrored), created outside the strategy's scope.
@@ -305,7 +92,7 @@ class Trainer:
             self._check_memory()
         keras.utils.set_random_seed(exp.train.seed)
         with self.strategy.scope():
-            self.model = build_model(exp, model_fn)
+            self.model = rundir.build_model(exp, model_fn)
             self.schedule = schedules.Schedule(exp.train, steps_per_epoch=self.steps_per_epoch,
                                                total_steps=self.total_steps)
             self.optimizer = optimizers.build_optimizer(
@@ -320,39 +107,35 @@ class Trainer:
             self._metrics = {
                 k: tf.Variable(0.0, trainable=False, name=f"metric_{k}",
                                synchronization=tf.VariableSynchronization.ON_READ,
-                               aggregation=tf.VariableAggregation.SUM) for k in _METRICS}
+                               aggregation=tf.VariableAggregation.SUM) for k in LOGS}
             k = min(exp.train.summary_images, self.per_replica_batch_size)
             self._example_images = tf.Variable(
                 tf.zeros([k, self.image_size, 2 * self.image_size, 3]), trainable=False,
                 name="example_images", synchronization=tf.VariableSynchronization.ON_READ,
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        self._decayed = decayed_weights(self.model, exp.train.weight_decay_scope)
-        self._bn_statistics = batch_norm_statistics(self.model)
-
+        self.train_step = TrainStep(
+            self.model, self.optimizer, experiment=exp, num_classes=self.num_classes,
+            num_replicas=self.num_replicas, ema=self.ema, example_images=k,
+            jit_compile=exp.runtime.jit_compile,
+            loss_scaling=exp.runtime.precision_policy() == "mixed_float16")
         objects = dict(model=self.model, optimizer=self.optimizer, step=self.step)
         if self.ema is not None:
             objects["ema"] = self.ema
-        # The states of the model's random generators (dropout, stochastic depth) are
-        # variables but not weights, and tf.train.Checkpoint(model=) leaves them out; saving
-        # them makes a resumed run draw the same masks.
-        weights = {id(w) for w in self.model.weights}
-        rng_states = [v for v in self.model.variables if id(v) not in weights]
-        self._rng_states = rng_states
-        if rng_states:
-            objects["rng_states"] = rng_states
+        # The states of the model's random generators (dropout, stochastic depth) are not
+        # weights, and tf.train.Checkpoint(model=) leaves them out; saving them makes a
+        # resumed run draw the same masks.
+        if self.train_step.rng_states:
+            objects["rng_states"] = self.train_step.rng_states
         self.checkpoint = tf.train.Checkpoint(**objects)
         # Multi-worker: every worker saves (the save is collective), the chief into model_dir,
         # the others into a scratch folder of their own; all restore from model_dir.
-        self.is_chief, self._worker = _chief(self.strategy)
+        self.is_chief, self._worker = distribute.chief(self.strategy)
         self.checkpoint_manager = self._checkpoint_manager()
         self._restore()
-        self._gradients = tf.function(self._forward_backward,
-                                      jit_compile=exp.runtime.jit_compile or None)
         self._summary_writer = None
         self._evaluator = self._eval_data = None
         # Several workers (MultiWorkerMirroredStrategy across hosts) must agree on stopping.
-        self._multi_worker = (isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
-                              and self.num_replicas > len(self.strategy.extended.worker_devices))
+        self._multi_worker = distribute.spans_processes(self.strategy)
         self._agreed_stop_fn = tf.function(self._stop_requested)
 
     # -- memory ------------------------------------------------------------------------------
@@ -378,10 +161,7 @@ class Trainer:
         if available is None:
             return
         est = self.memory_estimate()
-        try:
-            local = len(self.strategy.extended.worker_devices)
-        except RuntimeError:          # the default strategy: one replica
-            local = 1
+        local = distribute.local_replicas(self.strategy)
         what = est.run() + (f" (x{local} replicas sharing this host)" if local > 1 else "")
         memory.check_fits(est, available // local, what=what)
 
@@ -390,11 +170,11 @@ class Trainer:
     def _restore(self) -> None:
         """Resumes from the newest readable checkpoint of ``model_dir`` (see
         :func:`rundir.restore_newest_readable`), if it holds this run."""
-        if not rundir.find_checkpoints(self.model_dir, CHECKPOINT_PREFIX):
+        if not rundir.find_checkpoints(self.model_dir, rundir.CHECKPOINT_PREFIX):
             return
         rundir.check_resumable(self.model_dir, self.experiment)
         restored = rundir.restore_newest_readable(
-            self.checkpoint, self.model_dir, prefix=CHECKPOINT_PREFIX, log=self.log,
+            self.checkpoint, self.model_dir, prefix=rundir.CHECKPOINT_PREFIX, log=self.log,
             repair=self.is_chief)
         if restored.path is None:
             raise rundir.RunDirError(
@@ -409,10 +189,10 @@ class Trainer:
             return tf.train.CheckpointManager(
                 self.checkpoint, self.model_dir,
                 max_to_keep=self.train_cfg.max_checkpoints_to_keep,
-                checkpoint_name=CHECKPOINT_PREFIX)
+                checkpoint_name=rundir.CHECKPOINT_PREFIX)
         return tf.train.CheckpointManager(
             self.checkpoint, os.path.join(self.model_dir, f".worker-{self._worker}"),
-            max_to_keep=1, checkpoint_name=CHECKPOINT_PREFIX)
+            max_to_keep=1, checkpoint_name=rundir.CHECKPOINT_PREFIX)
 
     def save_checkpoint(self) -> str:
         path = self.checkpoint_manager.save(checkpoint_number=int(self.step.numpy()))
@@ -421,86 +201,14 @@ class Trainer:
 
     # -- the step ----------------------------------------------------------------------------
 
-    def attack(self, images, labels, seed):
-        """The images the weights train on: ``attacks.pgd`` with ``train_attack`` (batch norm
-        in inference mode, the attacker's backward rule), or ``images`` in clean mode."""
-        if not self.train_cfg.adversarial:
-            return tf.convert_to_tensor(images, tf.float32)
-        return attacks.pgd(self.model, images, labels, self.experiment.train_attack, seed=seed)
-
-    def loss_and_gradients(self, inputs, labels):
-        """(loss, logits, gradients) of one replica's batch.
-
-        The forward pass runs with ``training=True`` under the optimizer's backward rule; the
-        loss is this replica's share of the global loss: label-smoothed cross-entropy summed
-        over its examples / global batch + weight decay / replicas. Under ``mixed_float16``
-        the gradients are of the scaled loss (the LossScaleOptimizer unscales them).
-        """
-        labels = tf.cast(labels, tf.int32)
-        smoothing = self.train_cfg.label_smoothing
-        targets = (tf.one_hot(labels, self.num_classes) * (1.0 - smoothing)
-                   + smoothing / self.num_classes)
-        with tf.GradientTape() as tape:
-            with activations.backward_rule(self.train_cfg.optimizer_backward):
-                logits = tf.cast(self.model(inputs, training=True), tf.float32)
-            per_example = tf.nn.softmax_cross_entropy_with_logits(targets, logits)
-            loss = (tf.reduce_sum(per_example) / self.global_batch_size
-                    + self.train_cfg.weight_decay * l2_loss(self._decayed) / self.num_replicas)
-            scaled = self.optimizer.scale_loss(loss) if self._loss_scaling else loss
-        return loss, logits, tape.gradient(scaled, self.model.trainable_variables)
-
-    def _forward_backward(self, images, labels, seed, measure):
-        """Attack, forward, loss and gradients of one replica's batch (may be XLA-compiled)."""
-        labels = tf.cast(labels, tf.int32)
-        inputs = self.attack(images, labels, seed)
-        loss, logits, grads = self.loss_and_gradients(inputs, labels)
-        correct = tf.reduce_sum(tf.cast(tf.equal(
-            tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32))
-
-        k = self._example_images.shape[0]
-
-        def measure_clean():
-            clean_logits = tf.cast(self.model(images, training=False), tf.float32)
-            clean = tf.reduce_sum(tf.cast(tf.equal(
-                tf.argmax(clean_logits, -1, output_type=tf.int32), labels), tf.float32))
-            pair = tf.concat([images[:k], inputs[:k]], axis=2)
-            return clean, tf.cast(tf.shape(labels)[0], tf.float32), pair
-
-        def skip():
-            return (tf.constant(0.0), tf.constant(0.0),
-                    tf.zeros([k, self.image_size, 2 * self.image_size, 3]))
-
-        clean, clean_examples, pair = tf.cond(measure, measure_clean, skip)
-        return grads, loss, correct, clean, clean_examples, pair
-
     def _replica_step(self, images, labels, measure):
-        ctx = tf.distribute.get_replica_context()
-        step = self.step.read_value()
-        seed = tf.random.experimental.stateless_fold_in(
-            tf.stack([tf.constant(self.train_cfg.seed, tf.int64), step]),
-            ctx.replica_id_in_sync_group, alg=attacks.RNG_ALG)
-        with replica_random_streams(self._rng_states, ctx.replica_id_in_sync_group):
-            grads, loss, correct, clean, clean_examples, pair = self._gradients(
-                images, labels, seed, measure)
-        self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
-        if self.num_replicas > 1 and self._bn_statistics:
-            means = ctx.all_reduce(tf.distribute.ReduceOp.MEAN,
-                                   [_on_own_device(v) for v in self._bn_statistics])
-            for v, m in zip(self._bn_statistics, means):
-                v.assign(m)
-        if self.ema is not None:
-            self.ema.update(step)
+        logs = self.train_step(images, labels, self.step.read_value(), measure)
         self.step.assign_add(1)
-        m = self._metrics
-        m["loss"].assign_add(loss)
-        m["correct"].assign_add(correct)
-        m["examples"].assign_add(tf.cast(tf.shape(labels)[0], tf.float32))
-        m["clean_correct"].assign_add(clean)
-        m["clean_examples"].assign_add(clean_examples)
-        m["nonfinite"].assign_add(tf.cast(tf.logical_not(tf.math.is_finite(loss)), tf.float32))
+        for k in LOGS:
+            self._metrics[k].assign_add(logs[k])
 
         def keep_pair():
-            self._example_images.assign(pair)
+            self._example_images.assign(logs["example_images"])
             return tf.constant(True)
 
         tf.cond(measure, keep_pair, lambda: tf.constant(False))
@@ -630,9 +338,8 @@ class Trainer:
 
     def _writer(self):
         if self._summary_writer is None:
-            self._summary_writer = (
-                tf.summary.create_file_writer(os.path.join(self.model_dir, "train"))
-                if self.is_chief else tf.summary.create_noop_writer())
+            self._summary_writer = summaries.writer(self.model_dir, "train",
+                                                    is_chief=self.is_chief)
         return self._summary_writer
 
     def train(self, *, until_step: int | None = None) -> dict:
@@ -750,15 +457,15 @@ class Trainer:
                  f"{out['accuracy']:.3f}{clean} | lr {out['learning_rate']:.4g} | "
                  f"{images_per_sec:.1f} img/s | ETA {_duration(eta)}")
         with self._writer().as_default(step=step):
-            summary_scalar("loss", out["loss"])
-            summary_scalar("learning_rate", out["learning_rate"])
-            summary_scalar("adversarial_accuracy" if self.train_cfg.adversarial
+            summaries.scalar("loss", out["loss"])
+            summaries.scalar("learning_rate", out["learning_rate"])
+            summaries.scalar("adversarial_accuracy" if self.train_cfg.adversarial
                            else "accuracy", out["accuracy"])
             if out["clean_accuracy"] is not None:
-                summary_scalar("clean_accuracy", out["clean_accuracy"])
-            summary_scalar("images_per_sec", images_per_sec)
+                summaries.scalar("clean_accuracy", out["clean_accuracy"])
+            summaries.scalar("images_per_sec", images_per_sec)
             if self._example_images.shape[0]:
-                summary_images("clean_and_adversarial_examples",
+                summaries.images("clean_and_adversarial_examples",
                                self._example_images.read_value())
         return out
 
@@ -790,107 +497,15 @@ class Trainer:
         self.log(f"eval at step {step}{' (EMA)' if self.ema is not None else ''}: "
                  f"{result['examples']} images | clean top-1 {result['clean_top1']:.4f} | "
                  f"PGD-{a.num_steps} (eps {a.epsilon:g}, step {a.step_size:g}) {pgd:.4f}")
-        writer = (tf.summary.create_file_writer(os.path.join(self.model_dir, "eval"))
-                  if self.is_chief else tf.summary.create_noop_writer())
+        writer = summaries.writer(self.model_dir, "eval", is_chief=self.is_chief)
         with writer.as_default(step=step):
-            summary_scalar("clean_top1", result["clean_top1"])
-            summary_scalar("clean_top5", result["clean_top5"])
-            summary_scalar(f"pgd{a.num_steps}_accuracy", pgd)
+            summaries.scalar("clean_top1", result["clean_top1"])
+            summaries.scalar("clean_top5", result["clean_top5"])
+            summaries.scalar(f"pgd{a.num_steps}_accuracy", pgd)
         writer.flush()
         return result
-
-
-# TensorBoard events written with TensorFlow's own tf.summary.write and the metadata of
-# TensorBoard's scalar and image plugins, so the tensorboard package is needed only to view them.
-
-def summary_scalar(name: str, value) -> None:
-    metadata = summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
-        data_class=summary_pb2.DATA_CLASS_SCALAR)
-    tf.summary.write(name, tf.cast(value, tf.float32), metadata=metadata)
-
-
-def summary_images(name: str, images) -> None:
-    """``images``: [n, H, W, 3] pixels in [0, 255]."""
-    images = tf.cast(tf.clip_by_value(tf.round(images), 0.0, 255.0), tf.uint8)
-    height, width = images.shape[1], images.shape[2]
-    encoded = tf.map_fn(tf.image.encode_png, images, fn_output_signature=tf.string)
-    tensor = tf.concat([tf.constant([str(width), str(height)]), encoded], axis=0)
-    metadata = summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="images"),
-        data_class=summary_pb2.DATA_CLASS_BLOB_SEQUENCE)
-    tf.summary.write(name, tensor, metadata=metadata)
-
-
-def _chief(strategy) -> tuple[bool, int]:
-    """(is this process the chief, its worker index) under a multi-worker strategy."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
-        return True, 0
-    task_type, task_id = resolver.task_type, resolver.task_id or 0
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    chief = task_type in (None, "chief") or (task_type == "worker" and task_id == 0
-                                             and not has_chief)
-    return chief, task_id
 
 
 def _duration(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading a trained model.
-
-def load_model(model_dir: str, *, checkpoint: str | None = None, use_ema: bool = True,
-               model_fn: Callable | None = None) -> tuple[keras.Model, Experiment, int]:
-    """Rebuilds the model of a training run and restores its weights.
-
-    Args:
-      model_dir: the run's directory (``experiment.json`` and checkpoints).
-      checkpoint: a checkpoint path (default: the latest in ``model_dir``).
-      use_ema: put the EMA weights in the model when the run kept them.
-      model_fn: as in :class:`Trainer`, when the run used a custom model.
-
-    Returns:
-      (model, experiment, step).
-    """
-    model, exp, step, _ = load_run(model_dir, checkpoint=checkpoint, use_ema=use_ema,
-                                   model_fn=model_fn)
-    return model, exp, step
-
-
-def load_run(model_dir: str, *, checkpoint: str | None = None, use_ema: bool = True,
-             model_fn: Callable | None = None, log: Callable[[str], None] = print
-             ) -> tuple[keras.Model, Experiment, int, str]:
-    """:func:`load_model`, also returning the checkpoint restored. Without ``checkpoint``, the
-    newest readable one (damaged newer ones are skipped, each named through ``log``)."""
-    exp = rundir.read_experiment(model_dir)
-    if exp is None:
-        raise ValueError(f"{model_dir!r} holds no {EXPERIMENT_FILE}; is it a training model_dir?")
-    model = build_model(exp, model_fn)
-    step = tf.Variable(0, dtype=tf.int64, trainable=False)
-    objects = dict(model=model, step=step)
-    ema = None
-    if use_ema and exp.train.ema_decay:
-        ema = objects["ema"] = ExponentialMovingAverage(model, exp.train.ema_decay)
-    ckpt = tf.train.Checkpoint(**objects)
-    if checkpoint:
-        try:
-            ckpt.restore(checkpoint).expect_partial().assert_existing_objects_matched()
-        except rundir.UNREADABLE as e:
-            reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-            raise rundir.RunDirError(f"Checkpoint {checkpoint!r} cannot be read ({reason}).") \
-                from None
-        path = checkpoint
-    else:
-        restored = rundir.restore_newest_readable(ckpt, model_dir, prefix=CHECKPOINT_PREFIX,
-                                                  log=log, repair=False, partial=True)
-        if restored.path is None:
-            detail = f" that can be read ({'; '.join(restored.skipped)})" if (
-                restored.skipped) else ""
-            raise ValueError(f"{model_dir!r} holds no checkpoint{detail}.")
-        path = restored.path
-    if ema is not None:
-        ema.copy_to_model()
-    return model, exp, int(step.numpy()), path

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sat_tf import export, loading, training
+from sat_tf import export, loading, rundir, training
 from sat_tf.config import (AttackConfig, DataConfig, EvalConfig, Experiment, ModelConfig,
                            TrainConfig)
 
@@ -159,5 +159,5 @@ def test_noema_loads_the_raw_weights(run_dir):
 
 
 def test_file_names_agree_with_the_writers():
-    assert loading.EXPERIMENT_FILE == training.EXPERIMENT_FILE
+    assert loading.EXPERIMENT_FILE == rundir.EXPERIMENT_FILE
     assert loading.EXPORT_METADATA == f"assets/{export.METADATA_ASSET}"

@@ -276,9 +276,9 @@ def test_reference_counts_match_the_published_ones():
 
 @pytest.mark.parametrize("name", PAPER_PRESETS)
 def test_every_preset_resolves_its_model(name):
-    from sat_tf import models, training
+    from sat_tf import models, rundir
     exp = _resolved(name)
-    num_classes, image_size = training.model_shape(exp)
+    num_classes, image_size = rundir.model_shape(exp)
     m = exp.model
     spec = models.resolve(m.name, m.activation, num_classes, image_size=image_size,
                           normalization=m.normalization, stem=m.stem, bn_momentum=m.bn_momentum,
@@ -298,8 +298,8 @@ def test_every_preset_resolves_its_model(name):
 
 
 def test_efficientnet_presets_use_the_table_resolution():
-    from sat_tf import training
-    sizes = {v: training.model_shape(experiments.get(f"imagenet-efficientnet-{v}-sat"))[1]
+    from sat_tf import rundir
+    sizes = {v: rundir.model_shape(experiments.get(f"imagenet-efficientnet-{v}-sat"))[1]
              for v in ("b0", "b3", "b7", "l1")}
     assert sizes == {"b0": 224, "b3": 300, "b7": 600, "l1": 600}
 

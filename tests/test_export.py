@@ -23,7 +23,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from sat_tf import activations, attacks, data, evaluation, export, training
+from sat_tf import activations, attacks, data, evaluation, export, rundir
 from sat_tf.config import AttackConfig, DataConfig, Experiment, ModelConfig
 
 SIZE = 16
@@ -440,11 +440,11 @@ def run_dir(tmp_path_factory):
     exp = Experiment(name="export-test",
                      model=ModelConfig(name="wrn-10-1", activation="silu", image_size=16),
                      data=DataConfig(synthetic_image_size=16), model_dir=str(model_dir))
-    (model_dir / training.EXPERIMENT_FILE).write_text(json.dumps(exp.to_dict()))
-    checkpoint = tf.train.Checkpoint(model=training.build_model(exp),
+    (model_dir / rundir.EXPERIMENT_FILE).write_text(json.dumps(exp.to_dict()))
+    checkpoint = tf.train.Checkpoint(model=rundir.build_model(exp),
                                      step=tf.Variable(3, dtype=tf.int64))
     tf.train.CheckpointManager(checkpoint, str(model_dir), 1,
-                               checkpoint_name=training.CHECKPOINT_PREFIX).save(3)
+                               checkpoint_name=rundir.CHECKPOINT_PREFIX).save(3)
     return str(model_dir)
 
 

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_config
 
-from sat_tf import training
+from sat_tf import rundir, training
 from sat_tf.config import Experiment
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -113,7 +113,7 @@ def run_and_measure(name: str, model_dir: str) -> dict:
         tf_config.disable_op_determinism()
     assert result["status"] == "completed"
     ema = trainer.ema.averages if trainer.ema is not None else []
-    model, _, step = training.load_model(str(model_dir))
+    model, _, step = rundir.load_model(str(model_dir))
     return {
         "loss": result["train"]["loss"],
         "clean_top1": result["eval"]["clean_top1"],
@@ -141,7 +141,7 @@ def test_a_short_run_reproduces_its_pinned_loss_and_weights(tmp_path, name):
 def test_a_run_directory_written_before_the_redesign_loads_and_resumes(tmp_path):
     model_dir = tmp_path / "run"
     shutil.copytree(os.path.join(HERE, "data", "legacy_run"), model_dir)
-    model, exp, step = training.load_model(str(model_dir))
+    model, exp, step = rundir.load_model(str(model_dir))
     assert step == PINS[LEGACY]["step"]
     np.testing.assert_allclose(np.asarray(model(_images(), training=False), np.float64),
                                PINS[LEGACY]["logits"], rtol=1e-5, atol=1e-7)

@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from sat_tf import cli, data as data_lib, training
+from sat_tf import cli, data as data_lib, rundir, training
 from sat_tf.config import DataConfig, Experiment, ModelConfig, TrainConfig
 from sat_tf.data import testing
 
@@ -71,7 +71,7 @@ def test_the_run_gets_the_datas_head_schedule_and_records_them(folder, tmp_path)
                      train=TrainConfig(global_batch_size=50, train_epochs=2,
                                        warmup_epochs=0.0),
                      model_dir=str(tmp_path))
-    resolved = training.resolve_experiment(exp)
+    resolved = rundir.resolve_experiment(exp)
     assert (resolved.model.num_classes, resolved.model.image_size) == (10, 32)
     assert resolved.data.num_train_examples == len(truth["train"]) == 200
     assert resolved.data.preprocessing == "resize"
@@ -79,10 +79,10 @@ def test_the_run_gets_the_datas_head_schedule_and_records_them(folder, tmp_path)
     assert trainer.steps_per_epoch == 4 and trainer.total_steps == 8   # 200 images / 50
     assert trainer.model.output_shape == (None, 10)
     # Any head at least as wide as the data's labels; a narrower one is refused, by name.
-    assert training.model_shape(exp.replace(**{"model.num_classes": 12}))[0] == 12
+    assert rundir.model_shape(exp.replace(**{"model.num_classes": 12}))[0] == 12
     with pytest.raises(ValueError, match="num_classes 5 is smaller than the 10 classes .*"
                                          "conversion.json"):
-        training.model_shape(exp.replace(**{"model.num_classes": 5}))
+        rundir.model_shape(exp.replace(**{"model.num_classes": 5}))
 
 
 def _eval_images(data_dir, preprocessing):
@@ -138,8 +138,8 @@ def test_a_folder_without_metadata_asks_for_its_class_count(tmp_path):
     exp = Experiment(model=ModelConfig(name="wrn-10-1"),
                      data=DataConfig(dataset="images", data_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="give --num_classes"):
-        training.model_shape(exp)
-    assert training.model_shape(exp.replace(**{"model.num_classes": 7,
+        rundir.model_shape(exp)
+    assert rundir.model_shape(exp.replace(**{"model.num_classes": 7,
                                                "model.image_size": 32})) == (7, 32)
 
 
@@ -243,13 +243,13 @@ def test_a_resolved_run_does_not_read_the_record_again(folder, monkeypatch):
     """Every host pipeline of a pod builds from the resolved experiment: no further reads of
     conversion.json (a round trip each on a bucket)."""
     _, out, _ = folder
-    exp = training.resolve_experiment(Experiment(
+    exp = rundir.resolve_experiment(Experiment(
         model=ModelConfig(name="wrn-10-1"), data=DataConfig(dataset="images", data_dir=out)))
 
     def read(data_dir):
         raise AssertionError(f"conversion.json of {data_dir} read again")
 
     monkeypatch.setattr(data_lib, "read_metadata", read)
-    assert training.model_shape(exp) == (10, 32)
+    assert rundir.model_shape(exp) == (10, 32)
     facts = data_lib.info(exp.data)
     assert (facts.num_classes, facts.num_eval_examples, facts.preprocessing) == (10, 50, "resize")

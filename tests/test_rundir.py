@@ -132,10 +132,10 @@ def test_a_truncated_checkpoint_is_skipped_by_name(tmp_path, damage):
     assert any(s.startswith("Skipped unreadable checkpoint") and "ckpt-4" in s for s in lines)
     assert any("Restored" in s and "ckpt-2" in s for s in lines)
     # Evaluation and export load the newest readable one too; an explicit bad one is one line.
-    model, _, step, path = training.load_run(str(tmp_path), model_fn=no_bn_net, log=_silent)
+    model, _, step, path = rundir.load_run(str(tmp_path), model_fn=no_bn_net, log=_silent)
     assert step == 2 and path.endswith("ckpt-2")
     with pytest.raises(rundir.RunDirError, match="ckpt-4' cannot be read") as e:
-        training.load_run(str(tmp_path), checkpoint=str(tmp_path / "ckpt-4"),
+        rundir.load_run(str(tmp_path), checkpoint=str(tmp_path / "ckpt-4"),
                           model_fn=no_bn_net)
     assert "\n" not in str(e.value)
 

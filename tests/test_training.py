@@ -10,7 +10,9 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_config
 
-from sat_tf import activations, training
+from sat_tf import activations, distribute, model_weights, rundir, training
+from sat_tf.ema import ExponentialMovingAverage
+from sat_tf.step import replica_random_streams
 from sat_tf.config import (AttackConfig, DataConfig, Experiment, ModelConfig, RuntimeConfig,
                            TrainConfig)
 
@@ -95,7 +97,7 @@ def test_mirrored_adversarial_training_learns_and_logs(tmp_path):
     assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-24")
     with open(tmp_path / "experiment.json") as f:
         stored = Experiment.from_dict(json.load(f))
-    assert stored == training.resolve_experiment(exp) == trainer.experiment
+    assert stored == rundir.resolve_experiment(exp) == trainer.experiment
     assert (stored.model.num_classes, stored.model.image_size) == (4, 16)
     assert (stored.data.num_train_examples, stored.data.num_eval_examples) == (
         exp.data.synthetic_train_examples, 32)
@@ -115,7 +117,7 @@ def test_bn_moving_statistics_agree_across_replicas(tmp_path):
     trainer = training.Trainer(experiment(tmp_path, train_steps=2), model_fn=tiny_resnet,
                                log=_silent)
     trainer.train()
-    stats = training.batch_norm_statistics(trainer.model)
+    stats = model_weights.batch_norm_statistics(trainer.model)
     assert len(stats) == 4
     for v in stats:
         copies = [np.array(c) for c in v.value.values]
@@ -229,12 +231,12 @@ def test_attacker_backward_changes_the_attack_not_the_forward(tmp_path):
         exp.train_attack = AttackConfig(epsilon=8.0, step_size=8.0, num_steps=1,
                                         random_start=False, clean_start_prob=0.0, backward=rule)
         trainer = training.Trainer(exp, model_fn=probed_net, log=_silent)
-        advs[rule] = trainer.attack(images, labels, seed).numpy()
+        advs[rule] = trainer.train_step.attack(images, labels, seed).numpy()
         model = trainer.model
         pre = keras.Model(model.input, model.get_layer("conv").output)(images).numpy()
         assert (pre < 0).mean() > 0.2 and (pre > 0).mean() > 0.2     # ReLU's kink matters
         np.testing.assert_array_equal(model.get_layer("probe").seen.numpy(), np.maximum(pre, 0))
-        loss, _, grads = trainer.loss_and_gradients(images, labels)
+        loss, _, grads = trainer.train_step.loss_and_gradients(images, labels)
         updates[rule] = [float(loss)] + [g.numpy() for g in grads]
     for a, b in zip(updates[None], updates["parametric_softplus"]):
         np.testing.assert_array_equal(a, b)                       # the optimizer's pass
@@ -247,7 +249,7 @@ def test_optimizer_backward_changes_weight_gradients_not_the_loss(tmp_path):
     for rule in (None, "relu", "parametric_softplus"):
         exp = experiment(tmp_path / str(rule), strategy="one_device", optimizer_backward=rule)
         trainer = training.Trainer(exp, model_fn=no_bn_net, log=_silent)
-        loss, _, grads = trainer.loss_and_gradients(images, labels)
+        loss, _, grads = trainer.train_step.loss_and_gradients(images, labels)
         out[rule] = (float(loss), [g.numpy() for g in grads])
     assert out[None][0] == out["parametric_softplus"][0] == out["relu"][0]
     for natural, relu_rule in zip(out[None][1], out["relu"][1]):   # relu's rule = its gradient
@@ -260,7 +262,7 @@ def test_clean_mode_trains_on_the_clean_images(tmp_path):
     images, labels = _batch()
     trainer = training.Trainer(experiment(tmp_path, strategy="one_device", adversarial=False),
                                model_fn=no_bn_net, log=_silent)
-    np.testing.assert_array_equal(trainer.attack(images, labels, tf.constant([0, 0])), images)
+    np.testing.assert_array_equal(trainer.train_step.attack(images, labels, tf.constant([0, 0])), images)
 
 
 def test_loss_is_smoothed_cross_entropy_plus_half_wd_sum_of_squares(tmp_path):
@@ -268,7 +270,7 @@ def test_loss_is_smoothed_cross_entropy_plus_half_wd_sum_of_squares(tmp_path):
     exp = experiment(tmp_path, strategy="one_device", global_batch_size=8, weight_decay=0.01,
                      label_smoothing=0.2)
     trainer = training.Trainer(exp, model_fn=no_bn_net, log=_silent)
-    loss, logits, _ = trainer.loss_and_gradients(images, labels)
+    loss, logits, _ = trainer.train_step.loss_and_gradients(images, labels)
     logp = tf.nn.log_softmax(logits).numpy()
     target = np.full([8, CLASSES], 0.2 / CLASSES)
     target[np.arange(8), labels.numpy()] += 0.8
@@ -286,13 +288,13 @@ def test_weight_decay_and_bn_statistics_are_selected_by_layer_type():
     x = activations.Activation("smooth_relu", name="act")(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     model = keras.Model(inp, keras.layers.Dense(3, name="batch_norm_head")(x))
-    decayed = {w.path for w in training.decayed_weights(model)}
+    decayed = {w.path for w in model_weights.decayed_weights(model)}
     assert decayed == {"batch_normalization_conv/kernel", "batch_normalization_conv/bias",
                        "act/beta", "batch_norm_head/kernel", "batch_norm_head/bias"}
-    assert {w.path for w in training.batch_norm_statistics(model)} == {
+    assert {w.path for w in model_weights.batch_norm_statistics(model)} == {
         "dense_like/moving_mean", "dense_like/moving_variance"}
     # The release's ResNet decays only tensorpack's ".*/W": the conv and dense kernels.
-    kernels = {w.path for w in training.decayed_weights(model, "kernels")}
+    kernels = {w.path for w in model_weights.decayed_weights(model, "kernels")}
     assert kernels == {"batch_normalization_conv/kernel", "batch_norm_head/kernel"}
 
 
@@ -302,14 +304,14 @@ def test_resnet_recipe_decays_kernels_and_efficientnet_recipe_every_non_bn_weigh
                                 image_size=32)
     convs = [l for l in resnet._flatten_layers() if isinstance(l, keras.layers.Conv2D)]
     dense = [l for l in resnet._flatten_layers() if isinstance(l, keras.layers.Dense)]
-    decayed = training.decayed_weights(resnet, recipes.resnet().weight_decay_scope)
+    decayed = model_weights.decayed_weights(resnet, recipes.resnet().weight_decay_scope)
     assert len(decayed) == len(convs) + len(dense) == 21        # 20 convs (3 shortcuts) + fc
     assert all(w.path.endswith("kernel") for w in decayed)
     names = {w.path for w in decayed}
     assert not any("beta" in n or "bias" in n or "gamma" in n for n in names)
     smooth_betas = [w for w in resnet.trainable_weights if w.path.endswith("/beta")
                     and "bn" not in w.path]
-    everything = training.decayed_weights(resnet, recipes.efficientnet().weight_decay_scope)
+    everything = model_weights.decayed_weights(resnet, recipes.efficientnet().weight_decay_scope)
     assert len(everything) == 21 + 1 + len(smooth_betas)          # + fc bias + SmoothReLU betas
 
 
@@ -333,7 +335,7 @@ def test_the_trainer_decays_the_recipes_weights(tmp_path):
         exp = experiment(tmp_path / scope, strategy="one_device", global_batch_size=8,
                          weight_decay=0.5, weight_decay_scope=scope)
         trainer = training.Trainer(exp, model_fn=biased_net, log=_silent)
-        loss, _, _ = trainer.loss_and_gradients(images, labels)
+        loss, _, _ = trainer.train_step.loss_and_gradients(images, labels)
         out[scope] = (float(loss), trainer.model)
     model = out["kernels"][1]
     biases = sum(float(np.sum(np.square(model.get_layer(n).bias))) for n in ("conv", "fc"))
@@ -344,8 +346,8 @@ def test_the_trainer_decays_the_recipes_weights(tmp_path):
 
 def test_ema_closed_form_covers_weights_and_bn_statistics():
     model = tiny_resnet(CLASSES, SIZE)
-    ema = training.ExponentialMovingAverage(model, decay=0.99)
-    targets = list(model.trainable_weights) + training.batch_norm_statistics(model)
+    ema = ExponentialMovingAverage(model, decay=0.99)
+    targets = list(model.trainable_weights) + model_weights.batch_norm_statistics(model)
     assert len(ema.averages) == len(targets)
     w0 = [np.array(v) for v in targets]
     for v in targets:
@@ -366,7 +368,7 @@ def test_ema_matches_tensorflows_with_num_updates_after_the_step_increment():
     """The TPU code: ``tf.train.ExponentialMovingAverage(decay, num_updates=global_step)``
     applied after the step's increment, so update t (0-based) uses num_updates t + 1."""
     model = no_bn_net(CLASSES, SIZE)
-    ours = training.ExponentialMovingAverage(model, decay=0.9)
+    ours = ExponentialMovingAverage(model, decay=0.9)
     step = tf.Variable(0, dtype=tf.int64)
     reference = tf.compat.v1.train.ExponentialMovingAverage(0.9, num_updates=step)
     weights = model.trainable_weights
@@ -387,18 +389,18 @@ def test_load_model_restores_ema_or_trained_weights(tmp_path):
     trainer = training.Trainer(experiment(tmp_path, train_steps=4, ema_decay=0.5),
                                model_fn=tiny_resnet, log=_silent)
     trainer.train()
-    model, exp, step = training.load_model(str(tmp_path), model_fn=tiny_resnet)
+    model, exp, step = rundir.load_model(str(tmp_path), model_fn=tiny_resnet)
     assert step == 4 and exp == trainer.experiment
     n = len(trainer.model.trainable_weights)
     for w, avg in zip(model.trainable_weights, trainer.ema.averages[:n]):
         np.testing.assert_array_equal(np.array(w), avg.numpy())
-    raw, _, _ = training.load_model(str(tmp_path), use_ema=False, model_fn=tiny_resnet)
+    raw, _, _ = rundir.load_model(str(tmp_path), use_ema=False, model_fn=tiny_resnet)
     for w, trained in zip(raw.weights, trainer.model.weights):
         np.testing.assert_array_equal(np.array(w), np.array(trained))
     assert not np.array_equal(np.array(raw.trainable_weights[0]),
                               np.array(model.trainable_weights[0]))
     with pytest.raises(ValueError, match="no experiment.json"):
-        training.load_model(str(tmp_path / "nothing"))
+        rundir.load_model(str(tmp_path / "nothing"))
 
 
 # ---- stopping ---------------------------------------------------------------------------------
@@ -417,7 +419,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert "NaN or Inf" in str(e.value) and "\n" not in str(e.value)
     assert tf.train.latest_checkpoint(str(tmp_path)) == good
     assert not tf.io.gfile.glob(str(tmp_path / "ckpt-3*"))
-    model, _, step = training.load_model(str(tmp_path), model_fn=no_bn_net)
+    model, _, step = rundir.load_model(str(tmp_path), model_fn=no_bn_net)
     assert step == 2 and all(np.isfinite(np.array(w)).all() for w in model.weights)
 
 
@@ -516,7 +518,7 @@ def test_each_replica_draws_its_own_dropout_masks():
     def step():
         def replica_fn():
             ctx = tf.distribute.get_replica_context()
-            with training.replica_random_streams(states, ctx.replica_id_in_sync_group):
+            with replica_random_streams(states, ctx.replica_id_in_sync_group):
                 return features(ones, training=True)
         return strategy.run(replica_fn)
 
@@ -626,7 +628,7 @@ def test_jit_compile_marks_the_step_for_xla(tmp_path, jit):
 
 
 def _ema_targets(model):
-    return list(model.trainable_weights) + training.batch_norm_statistics(model)
+    return list(model.trainable_weights) + model_weights.batch_norm_statistics(model)
 
 
 def test_trainer_updates_the_ema_after_every_step(tmp_path):
@@ -691,7 +693,7 @@ def test_weight_decay_in_the_loss_skips_batch_norm(tmp_path, scope):
         model.get_layer(bn).gamma.assign(tf.fill([8], 3.0))
         model.get_layer(bn).beta.assign(tf.fill([8], 2.0))
     model.get_layer("fc").bias.assign(tf.ones([CLASSES]))
-    loss, logits, _ = trainer.loss_and_gradients(images, labels)
+    loss, logits, _ = trainer.train_step.loss_and_gradients(images, labels)
     ce = float(tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)))
     decayed = [model.get_layer(n).kernel for n in ("stem", "block_conv", "fc")]
     if scope == "non_bn":
@@ -751,10 +753,10 @@ class _FakeMultiWorker(tf.distribute.MultiWorkerMirroredStrategy):
     ({"chief": ["a:1"], "worker": ["b:1", "c:1"]}, "worker", 1, (False, 1)),
 ])
 def test_chief_is_the_chief_job_else_worker_0(cluster, task_type, task_id, expected):
-    assert training._chief(_FakeMultiWorker(cluster, task_type, task_id)) == expected
+    assert distribute.chief(_FakeMultiWorker(cluster, task_type, task_id)) == expected
 
 
 def test_single_process_strategies_are_the_chief():
-    assert training._chief(tf.distribute.get_strategy()) == (True, 0)
-    assert training._chief(tf.distribute.OneDeviceStrategy("/cpu:0")) == (True, 0)
-    assert training._chief(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])) == (True, 0)
+    assert distribute.chief(tf.distribute.get_strategy()) == (True, 0)
+    assert distribute.chief(tf.distribute.OneDeviceStrategy("/cpu:0")) == (True, 0)
+    assert distribute.chief(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])) == (True, 0)
