@@ -2,8 +2,8 @@
 
 A run that cannot fit should stop with one line, not be killed by the OOM killer minutes
 later (EfficientNet-L1 at 600 px with 4096 images on one CPU replica needs terabytes). The
-estimate is analytic and imports no TensorFlow: it walks the architecture as data
-(:mod:`sat_tf.resnet.architecture`, :mod:`sat_tf.efficientnet.architecture`) exactly as
+estimate is analytic and imports no TensorFlow: the model family's registered object
+(:mod:`sat_tf.families`) walks its architecture as data exactly as
 :func:`sat_tf.models.build_model` turns it into layers, and counts
 
 * the **activations**: the float elements of every layer output one example's forward pass
@@ -11,7 +11,7 @@ estimate is analytic and imports no TensorFlow: it walks the architecture as dat
   pooling, squeeze-and-excitation, dropout, logits), :func:`activation_elements`; spatial
   sizes follow each stride as ``ceil(size / stride)`` (the 'same' and the explicit
   ``(k - 1) // 2`` padding both give that);
-* the **weights**: the trainable parameters (``count_params`` of the architecture), in float32,
+* the **weights**: the trainable parameters (the family's ``count_params``), in float32,
   with their gradients, the optimizer's slots and, with EMA, one averaged copy.
 
 What a training step keeps alive at once (:data:`TRAINING_FACTOR`): the forward pass keeps
@@ -46,15 +46,8 @@ import dataclasses
 import math
 import os
 
-from sat_tf import names
-from sat_tf.efficientnet import architecture as efficientnet_arch
-from sat_tf.resnet import architecture as resnet_arch
-
-# Must agree with sat_tf.models (which imports TensorFlow, so these are repeated here;
-# tests/test_memory.py checks they agree).
-RESNET_IMAGE_SIZE = 224
-CIFAR_IMAGE_SIZE = 32
-CIFAR_STEM_MAX_IMAGE_SIZE = 64
+from sat_tf import families
+from sat_tf.errors import UserError
 
 TRAINING_FACTOR = 1.0       # summed layer outputs ~ kept for backward + gradients in flight
 WEIGHT_BYTES = 4            # weights, gradients, optimizer slots and EMA are float32
@@ -63,122 +56,16 @@ ADVICE = "lower --train_batch_size, --image_size, or pick a smaller --model"
 
 
 # ---------------------------------------------------------------------------------------------
-# The architecture: image size, stem, and layer outputs per example.
+# The model: its defaults and layer outputs per example, from its family.
 
-def default_image_size(name: str) -> int:
-    """As :func:`sat_tf.models.default_image_size`: 224 (ResNet, ResNeXt), 32 (Wide-ResNet),
-    the scaling table's (EfficientNet)."""
-    family, args = names.model(name)
-    if family == "efficientnet":
-        return efficientnet_arch.PARAMS[args["variant"]].image_size
-    return CIFAR_IMAGE_SIZE if family == "wrn" else RESNET_IMAGE_SIZE
-
-
-def resolve_shape(name: str, image_size: int | None = None,
-                  stem: str | None = None) -> tuple[str, dict, int, str | None]:
+def _shape(name: str, image_size: int | None,
+           stem: str | None) -> tuple[families.Family, dict, int, str | None]:
     """(family, args, image_size, stem) with the defaults :func:`sat_tf.models.resolve` fills
-    in: the CIFAR stem for ResNet / ResNeXt images up to 64 px, else the ImageNet stem;
-    Wide-ResNets and EfficientNets have no stem choice (None)."""
-    family, args = names.model(name)
+    in (the family's)."""
+    family, args = families.parse(name)
     if image_size is None:
-        image_size = CIFAR_IMAGE_SIZE if stem == "cifar" else default_image_size(name)
-    if family in ("resnet", "resnext"):
-        if stem is None:
-            stem = "cifar" if image_size <= CIFAR_STEM_MAX_IMAGE_SIZE else "imagenet"
-    else:
-        stem = None
-    return family, args, int(image_size), stem
-
-
-def _down(size: int, stride: int) -> int:
-    return -(-size // stride)
-
-
-def _resnet_elements(blocks: list[resnet_arch.Block], size: int, stem: str,
-                     num_classes: int) -> int:
-    """Post-activation ResNet / ResNeXt (sat_tf.resnet.model.resnet_features)."""
-    c = resnet_arch.STEM_FILTERS
-    total = size * size * 3                                   # input scaling
-    if stem == "imagenet":
-        total += (size + 6) ** 2 * 3                          # explicit padding of the 7x7/2
-        size = _down(size, 2)
-        total += 3 * size * size * c                          # conv, bn, act
-        size = _down(size, 2)
-        total += size * size * c                              # max-pool
-    else:
-        total += 3 * size * size * c                          # conv, bn, act
-    for b in blocks:
-        out = _down(size, b.stride)
-        if b.projection:
-            total += 2 * out * out * b.out_filters            # 1x1 conv (no padding), bn
-        if b.kind == "basic":
-            if b.stride > 1:
-                total += (size + 2) ** 2 * b.in_filters       # padding of the strided 3x3
-            total += 3 * out * out * b.width                  # conv1, bn1, act1
-            total += 2 * out * out * b.out_filters            # conv2, bn2
-        else:
-            total += 3 * size * size * b.width                # 1x1 conv1, bn1, act1
-            if b.stride > 1:
-                total += (size + 2) ** 2 * b.width            # padding of the strided 3x3
-            total += 3 * out * out * b.width                  # conv2, bn2, act2
-            total += 2 * out * out * b.out_filters            # 1x1 conv3, bn3
-        total += 2 * out * out * b.out_filters                # add, act
-        size = out
-    return total + blocks[-1].out_filters + num_classes       # pooling, logits
-
-
-def _wrn_elements(blocks: list[resnet_arch.Block], size: int, num_classes: int) -> int:
-    """Pre-activation Wide-ResNet (sat_tf.resnet.model.wrn_features)."""
-    total = size * size * 3 + size * size * resnet_arch.WRN_STEM_FILTERS   # scaling, conv
-    for b in blocks:
-        out = _down(size, b.stride)
-        total += 2 * size * size * b.in_filters               # bn1, act1
-        if b.projection:
-            total += out * out * b.out_filters                # 1x1 conv shortcut
-        if b.stride > 1:
-            total += (size + 2) ** 2 * b.in_filters           # padding of the strided 3x3
-        total += 3 * out * out * b.width                      # conv1, bn2, act2
-        total += 2 * out * out * b.out_filters                # conv2, add
-        size = out
-    last = blocks[-1].out_filters
-    return total + 2 * size * size * last + last + num_classes   # bn, act, pooling, logits
-
-
-def _efficientnet_elements(variant: str, size: int, num_classes: int) -> int:
-    """EfficientNet (sat_tf.efficientnet.model.efficientnet_features), with the default
-    stochastic depth (a dropout layer on every residual block but the first) and dropout
-    before the classifier."""
-    p = efficientnet_arch.PARAMS[variant]
-    blocks = efficientnet_arch.blocks(variant)
-    rates = efficientnet_arch.drop_connect_rates(len(blocks))
-    total = size * size * 3                                   # input scaling
-    size = _down(size, 2)
-    total += 3 * size * size * efficientnet_arch.round_filters(efficientnet_arch.STEM_FILTERS,
-                                                               p.width)   # conv, bn, act
-    for b, rate in zip(blocks, rates):
-        e = b.expanded_filters
-        if b.expand_ratio != 1:
-            total += 3 * size * size * e                      # expand conv, bn, act
-        size = _down(size, b.strides)
-        total += 3 * size * size * e                          # depthwise conv, bn, act
-        if b.se_ratio:
-            s = b.se_filters
-            total += e + 2 * s + 2 * e                        # squeeze, reduce, act, expand, gate
-            total += size * size * e                          # excite (multiply)
-        total += 2 * size * size * b.output_filters           # project conv, bn
-        if b.has_skip:
-            total += (2 if rate > 0 else 1) * size * size * b.output_filters   # [drop,] add
-    head = efficientnet_arch.round_filters(efficientnet_arch.HEAD_FILTERS, p.width)
-    total += 3 * size * size * head                           # head conv, bn, act
-    dropout = head if p.dropout_rate > 0 else 0
-    return total + head + dropout + num_classes               # pooling, dropout, logits
-
-
-def _resnet_blocks(family: str, args: dict) -> list[resnet_arch.Block]:
-    if family == "wrn":
-        return resnet_arch.wrn_blocks(args["depth"], args["width"])
-    return resnet_arch.resnet_blocks(args["depth"], args.get("cardinality", 1),
-                                     args.get("bottleneck_width", 64))
+        image_size = family.default_image_size(args, stem)
+    return family, args, int(image_size), family.resolve_stem(stem, image_size)
 
 
 def activation_elements(name: str, image_size: int | None = None, stem: str | None = None,
@@ -188,24 +75,8 @@ def activation_elements(name: str, image_size: int | None = None, stem: str | No
     Every layer :func:`sat_tf.models.build_model` creates is counted once (not the input);
     image size and stem default as there.
     """
-    family, args, size, stem = resolve_shape(name, image_size, stem)
-    if family == "efficientnet":
-        return _efficientnet_elements(args["variant"], size, num_classes)
-    blocks = _resnet_blocks(family, args)
-    if family == "wrn":
-        return _wrn_elements(blocks, size, num_classes)
-    return _resnet_elements(blocks, size, stem, num_classes)
-
-
-def count_params(name: str, num_classes: int = 1000, stem: str | None = None,
-                 image_size: int | None = None) -> int:
-    """Trainable parameters (as :func:`sat_tf.models.count_params` with a ReLU-like
-    activation: smooth_relu's one scalar per call site is negligible here)."""
-    family, args, _, stem = resolve_shape(name, image_size, stem)
-    if family == "efficientnet":
-        return efficientnet_arch.count_params(args["variant"], num_classes)
-    return resnet_arch.count_params(_resnet_blocks(family, args),
-                                    "wrn" if family == "wrn" else stem, num_classes)
+    family, args, size, stem = _shape(name, image_size, stem)
+    return family.activation_elements(args, size, stem, num_classes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,17 +137,18 @@ def estimate(name: str, *, image_size: int | None = None, stem: str | None = Non
       ema: whether an exponential moving average of the weights is kept (one more copy).
     """
     if precision not in ACTIVATION_BYTES:
-        raise ValueError(f"Invalid precision {precision!r}; valid choices: "
-                         f"{', '.join(ACTIVATION_BYTES)}.")
+        raise UserError(f"Invalid precision {precision!r}; valid choices: "
+                        f"{', '.join(ACTIVATION_BYTES)}.")
     if per_replica_batch <= 0:
-        raise ValueError(f"Invalid per_replica_batch {per_replica_batch!r}; it must be > 0.")
-    family, args, size, stem = resolve_shape(name, image_size, stem)
-    params = count_params(name, num_classes, stem, size)
-    elements = activation_elements(name, size, stem, num_classes)
+        raise UserError(f"Invalid per_replica_batch {per_replica_batch!r}; it must be > 0.")
+    family, args, size, stem = _shape(name, image_size, stem)
+    # smooth_relu's one weight per activation call site is negligible here.
+    params = family.count_params(args, stem, num_classes)
+    elements = family.activation_elements(args, size, stem, num_classes)
     copies = 2 + optimizer_slots + (1 if ema else 0)          # weights, gradients, slots, EMA
     activation_bytes = math.ceil(elements * per_replica_batch * ACTIVATION_BYTES[precision]
                                  * TRAINING_FACTOR)
-    return Estimate(names.canonical_name(family, args), size, int(per_replica_batch),
+    return Estimate(family.canonical_name(args), size, int(per_replica_batch),
                     int(attack_steps) if adversarial else 0, precision, params, elements,
                     params * WEIGHT_BYTES * copies, activation_bytes)
 
@@ -309,14 +181,14 @@ def _advice(est: Estimate, available: int | None, what: str | None, where: str) 
 
 
 def check_fits(est: Estimate, available: int | None, *, what: str | None = None) -> None:
-    """Raises a one-line ValueError when ``est`` needs more than ``available`` bytes.
+    """Raises a one-line UserError when ``est`` needs more than ``available`` bytes.
 
     ``what`` describes the run (default :meth:`Estimate.run`, e.g. "efficientnet-l1 at
     600 px with 4096 images per replica (PGD-1)"). Nothing happens when ``available`` is
     None (unknown).
     """
     if available is not None and est.total_bytes > available:
-        raise ValueError(_advice(est, available, what, "this host"))
+        raise UserError(_advice(est, available, what, "this host"))
 
 
 def oom_advice(est: Estimate, available: int | None = None, *, what: str | None = None) -> str:

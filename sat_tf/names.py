@@ -5,7 +5,10 @@ bad input fails in well under a second with a one-line error that lists the vali
 """
 from __future__ import annotations
 
-import re
+import numbers
+
+from sat_tf import families
+from sat_tf.errors import UserError
 
 # ---- activations (sat_tf.activations implements them) ---------------------------------------
 ACTIVATIONS = (
@@ -48,50 +51,74 @@ def backward_rule(name: str | None) -> str | None:
     return key
 
 
-# ---- models (sat_tf.resnet / sat_tf.efficientnet implement them) -----------------------------
-RESNET_DEPTHS = (18, 34, 50, 101, 152, 200)
-RESNEXT_DEPTHS = (50, 101, 152)
-RESNEXT_WIDTHS = ("32x4d", "32x8d")
-EFFICIENTNET_VARIANTS = ("b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8", "l1", "l2")
+# ---- models (sat_tf.families registers the families; sat_tf.models builds them) -------------
+MODEL_NAMES_HELP = families.NAMES_HELP
+NORMALIZATIONS = ("sat", "imagenet")   # the input scaling: x*2/255-1, or ImageNet mean / std
 
-MODEL_NAMES_HELP = (
-    ", ".join(f"resnet-{d}" for d in RESNET_DEPTHS) + ", "
-    + ", ".join(f"resnext-{d}-{w}" for d in RESNEXT_DEPTHS for w in RESNEXT_WIDTHS) + ", "
-    + "wrn-<depth>-<width> with depth = 6n+4 (e.g. wrn-28-10, wrn-34-10), "
-    + ", ".join(f"efficientnet-{v}" for v in EFFICIENTNET_VARIANTS)
-)
+_activation = activation   # check_model's argument of the same name hides it
 
 
 def model(name: str) -> tuple[str, dict]:
-    """Parses a model name into (family, arguments), or raises a one-line ValueError.
+    """Parses a model name into (family, arguments), or raises a one-line UserError.
 
     family is "resnet" (args depth), "resnext" (depth, cardinality, bottleneck_width),
-    "wrn" (depth, width) or "efficientnet" (variant).
+    "wrn" (depth, width) or "efficientnet" (variant); ``sat_tf.families.FAMILIES[family]`` is
+    its registered object.
     """
-    key = str(name).lower().strip()
-    m = re.fullmatch(r"resnet-?(\d+)", key)
-    if m and int(m.group(1)) in RESNET_DEPTHS:
-        return "resnet", {"depth": int(m.group(1))}
-    m = re.fullmatch(r"resnext-?(\d+)-(\d+)x(\d+)d", key)
-    if m and int(m.group(1)) in RESNEXT_DEPTHS and f"{m.group(2)}x{m.group(3)}d" in RESNEXT_WIDTHS:
-        return "resnext", {"depth": int(m.group(1)), "cardinality": int(m.group(2)),
-                           "bottleneck_width": int(m.group(3))}
-    m = re.fullmatch(r"wrn-?(\d+)-(\d+)", key)
-    if m and int(m.group(1)) >= 10 and (int(m.group(1)) - 4) % 6 == 0 and int(m.group(2)) >= 1:
-        return "wrn", {"depth": int(m.group(1)), "width": int(m.group(2))}
-    m = re.fullmatch(r"efficientnet-?([bl]\d)", key)
-    if m and m.group(1) in EFFICIENTNET_VARIANTS:
-        return "efficientnet", {"variant": m.group(1)}
-    raise ValueError(f"Unknown model {name!r}; valid models: {MODEL_NAMES_HELP}.")
+    family, args = families.parse(name)
+    return family.name, args
 
 
 def canonical_name(family: str, args: dict) -> str:
     """The canonical name of a parsed model name: "resnet-50", "resnext-50-32x4d",
     "wrn-34-10", "efficientnet-b0"."""
-    if family == "resnet":
-        return f"resnet-{args['depth']}"
-    if family == "resnext":
-        return f"resnext-{args['depth']}-{args['cardinality']}x{args['bottleneck_width']}d"
-    if family == "wrn":
-        return f"wrn-{args['depth']}-{args['width']}"
-    return f"efficientnet-{args['variant']}"
+    return families.FAMILIES[family].canonical_name(args)
+
+
+def check_model(name: str, activation: str = "relu", num_classes: int | None = None,
+                image_size: int | None = None, normalization: str = "sat",
+                stem: str | None = None, bn_momentum: float = 0.9, bn_epsilon: float = 1e-5,
+                dropout_rate: float | None = None, drop_connect_rate: float | None = None) -> None:
+    """Checks the arguments of :func:`sat_tf.models.build_model`, the one check of a model's
+    arguments (a ``ModelConfig`` and ``build_model`` both call it).
+
+    Raises a one-line UserError (a ValueError) naming the bad value and the valid choices.
+    None is not checked: num_classes and image_size are then filled in later (a ModelConfig
+    takes the dataset's), stem, dropout_rate and drop_connect_rate take the family's defaults.
+    An image size must be at least the model's total stride with the stem it gets.
+    """
+    family, args = families.parse(name)
+    canonical = family.canonical_name(args)
+    _activation(activation)
+    if num_classes is not None:
+        _positive_integer("num_classes", num_classes)
+    if normalization not in NORMALIZATIONS:
+        raise UserError(f"Invalid normalization {normalization!r}; valid choices: "
+                        f"{', '.join(NORMALIZATIONS)}.")
+    if stem is not None and stem not in family.stems:
+        raise UserError(f"Invalid stem {stem!r} for {canonical}; valid choices: "
+                        f"{', '.join(family.stems + ('None',))}.")
+    if image_size is not None:
+        _positive_integer("image_size", image_size)
+        built_stem = family.resolve_stem(stem, image_size)
+        stride = family.total_stride(args, built_stem)
+        if image_size < stride:
+            raise UserError(f"Invalid image_size {image_size!r} for {canonical}"
+                            f"{f' ({built_stem} stem)' if built_stem else ''}: its total stride "
+                            f"is {stride}, so images must be at least {stride}x{stride}.")
+    if not (isinstance(bn_momentum, numbers.Real) and 0.0 <= bn_momentum < 1.0):
+        raise UserError(f"Invalid bn_momentum {bn_momentum!r}; it must be in [0, 1).")
+    if (isinstance(bn_epsilon, bool) or not isinstance(bn_epsilon, numbers.Real)
+            or not 0.0 < bn_epsilon < float("inf")):
+        raise UserError(f"Invalid bn_epsilon {bn_epsilon!r}; it must be a finite number > 0.")
+    for what, rate in (("dropout_rate", dropout_rate), ("drop_connect_rate", drop_connect_rate)):
+        if rate is not None and not (isinstance(rate, numbers.Real) and 0.0 <= rate < 1.0):
+            raise UserError(f"Invalid {what} {rate!r}; it must be in [0, 1).")
+    if drop_connect_rate and not family.stochastic_depth:
+        raise UserError(f"Invalid drop_connect_rate {drop_connect_rate!r} for {canonical}; it "
+                        "has no stochastic depth (valid: 0 or None).")
+
+
+def _positive_integer(what: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise UserError(f"Invalid {what} {value!r}; it must be a positive integer.")

@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 
-from sat_tf import efficientnet, models
+from sat_tf import models
 from sat_tf.activations import Activation
 from sat_tf.efficientnet import (BLOCKS, PARAMS, blocks, decode_block, drop_connect_rates,
                                  encode_block, round_filters, round_repeats, stages)
@@ -86,7 +86,7 @@ def test_drop_connect_rates():
 
 @pytest.mark.parametrize("variant", sorted(REFERENCE_COUNTS))
 def test_closed_form_count_equals_reference(variant):
-    assert efficientnet.count_params(variant, 1000) == REFERENCE_COUNTS[variant]
+    assert models.count_params(f"efficientnet-{variant}", 1000) == REFERENCE_COUNTS[variant]
 
 
 @pytest.mark.parametrize("variant,activation,classes", [

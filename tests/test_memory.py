@@ -30,18 +30,17 @@ def test_weight_bytes_count_slots_and_ema():
     assert adam_ema.weight_bytes == base.params * 4 * 5
 
 
-def test_defaults_agree_with_models():
-    from sat_tf import models
-    assert memory.RESNET_IMAGE_SIZE == models.RESNET_IMAGE_SIZE
-    assert memory.CIFAR_IMAGE_SIZE == models.CIFAR_IMAGE_SIZE
-    assert memory.CIFAR_STEM_MAX_IMAGE_SIZE == models.CIFAR_STEM_MAX_IMAGE_SIZE
-    for name, size, stem in [("resnet-50", None, None), ("resnet-18", 32, None),
-                             ("resnet-18", None, "cifar"), ("wrn-28-10", None, None),
-                             ("efficientnet-b3", None, None), ("resnext-50-32x4d", 96, None)]:
-        spec = models.resolve(name, image_size=size, stem=stem)
-        assert memory.resolve_shape(name, size, stem)[2:] == (spec.image_size, spec.stem)
-        assert memory.count_params(name, 1000, stem, size) == models.count_params(
-            name, image_size=size, stem=stem)
+# The defaults come from the model's family (sat_tf.families), as build_model's do: the
+# image size of DESIGN.md §5's table and the known counts of the model built at that size.
+@pytest.mark.parametrize("name,kwargs,size,params", [
+    ("resnet-50", {}, 224, 25_557_032),
+    ("resnet-18", dict(stem="cifar", num_classes=10), 32, 11_173_962),
+    ("wrn-28-10", dict(num_classes=10), 32, 36_479_194),
+    ("efficientnet-b3", {}, 300, 12_233_232),
+])
+def test_defaults_are_the_models(name, kwargs, size, params):
+    est = memory.estimate(name, per_replica_batch=1, attack_steps=1, **kwargs)
+    assert (est.name, est.image_size, est.params) == (name, size, params)
 
 
 def _layer_output_elements(model) -> int:
@@ -60,6 +59,8 @@ def _layer_output_elements(model) -> int:
     ("wrn-10-1", dict(num_classes=10)),
     ("efficientnet-b0", dict(num_classes=10, image_size=64)),
     ("resnet-50", dict(num_classes=10, image_size=65, stem="imagenet")),    # odd sizes, pool
+    ("resnet-18", dict(num_classes=10, image_size=65)),     # the default stem above 64 px
+    ("resnext-50-32x4d", dict(num_classes=10, image_size=32, stem="imagenet")),
 ])
 def test_activation_elements_match_built_model(name, kwargs):
     from sat_tf import models

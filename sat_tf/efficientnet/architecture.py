@@ -4,7 +4,8 @@ Follows the TPU reference builder (tensorflow/tpu models/official/efficientnet):
 such as ``r2_k3_s22_e6_i16_o24_se0.25`` reads "2 repeats, 3x3 depthwise kernel, stride 2,
 expansion 6, 16 input and 24 output filters, squeeze-and-excitation ratio 0.25". Width scaling
 rounds filter counts with :func:`round_filters`; depth scaling rounds repeats up with
-:func:`round_repeats`. Nothing here imports TensorFlow.
+:func:`round_repeats`. Nothing here imports TensorFlow; :mod:`sat_tf.efficientnet.family` reads
+these (names, defaults, exact counts) and :mod:`sat_tf.efficientnet.model` turns them into layers.
 """
 from __future__ import annotations
 
@@ -162,33 +163,3 @@ def blocks(variant: str) -> list[BlockArgs]:
 def drop_connect_rates(num_blocks: int, rate: float = DROP_CONNECT_RATE) -> list[float]:
     """Stochastic-depth drop rate of each block: rate * index / blocks (the first is 0)."""
     return [rate * i / num_blocks for i in range(num_blocks)]
-
-
-def count_params(variant: str, num_classes: int, *, weights_per_activation: int = 0) -> int:
-    """Trainable parameters of the built model, in closed form.
-
-    ``weights_per_activation`` is 1 for smooth_relu (one learnable beta per call site).
-    """
-    p = PARAMS[variant]
-    bn = 2  # gamma and beta per channel (the moving statistics are not trainable)
-    stem = round_filters(STEM_FILTERS, p.width)
-    head = round_filters(HEAD_FILTERS, p.width)
-    total = 3 * 3 * 3 * stem + bn * stem
-    sites = 1
-    for b in blocks(variant):
-        e = b.expanded_filters
-        if b.expand_ratio != 1:
-            total += b.input_filters * e + bn * e
-            sites += 1
-        total += b.kernel_size * b.kernel_size * e + bn * e
-        sites += 1
-        if b.se_ratio:
-            s = b.se_filters
-            total += (e * s + s) + (s * e + e)
-            sites += 1
-        total += e * b.output_filters + bn * b.output_filters
-    last = blocks(variant)[-1].output_filters
-    total += last * head + bn * head
-    sites += 1
-    total += head * num_classes + num_classes
-    return total + weights_per_activation * sites

@@ -1,5 +1,6 @@
-"""ResNet, ResNeXt and Wide-ResNet as data: stage tables, a flat list of blocks, and an exact
-parameter count. Nothing here imports TensorFlow.
+"""ResNet, ResNeXt and Wide-ResNet as data: stage tables and a flat list of blocks. Nothing here
+imports TensorFlow; :mod:`sat_tf.resnet.family` reads these (names, defaults, exact counts) and
+:mod:`sat_tf.resnet.model` turns them into layers.
 
 ResNet / ResNeXt (v1.5, post-activation, as in the TPU reference and the tensorpack code
 the SAT authors started from): the stride sits on the 3x3 convolution; a block projects its
@@ -28,13 +29,12 @@ STAGE_STRIDES = (1, 2, 2, 2)
 BOTTLENECK_EXPANSION = 4
 
 STEM_FILTERS = 64
-# Total downsampling of the feature map: stem (imagenet: conv/2 + pool/2; cifar: none) x stages.
+# Downsampling of the stem: imagenet, a 7x7/2 conv and a 3x3/2 max-pool; cifar, a 3x3/1 conv.
 STEM_STRIDE = {"imagenet": 4, "cifar": 1}
 
 WRN_STAGE_FILTERS = (16, 32, 64)
 WRN_STAGE_STRIDES = (1, 2, 2)
-WRN_STEM_FILTERS = 16
-WRN_TOTAL_STRIDE = 4
+WRN_STEM_FILTERS = 16     # a 3x3/1 conv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,54 +94,3 @@ def wrn_blocks(depth: int, width: int) -> list[Block]:
                              filters * width, stride if i == 0 else 1))
             in_filters = filters * width
     return out
-
-
-def total_stride(family: str, stem: str | None = None) -> int:
-    """How much the network downsamples its input; the smallest image it accepts."""
-    if family == "wrn":
-        return WRN_TOTAL_STRIDE
-    stride = STEM_STRIDE[stem]
-    for s in STAGE_STRIDES:
-        stride *= s
-    return stride
-
-
-def count_params(blocks: list[Block], stem: str, num_classes: int, *,
-                 weights_per_activation: int = 0) -> int:
-    """Trainable parameters of the built model, in closed form.
-
-    ``stem``: "imagenet" (7x7 conv + BN), "cifar" (3x3 conv + BN) or "wrn" (3x3 conv, no BN,
-    and a final BN before pooling). ``weights_per_activation`` is 1 for smooth_relu.
-    """
-    bn = 2  # gamma and beta per channel
-    if stem == "wrn":
-        total = 3 * 3 * 3 * WRN_STEM_FILTERS
-        sites = 0
-    else:
-        k = 7 if stem == "imagenet" else 3
-        total = k * k * 3 * STEM_FILTERS + bn * STEM_FILTERS
-        sites = 1
-    for b in blocks:
-        if b.kind == "basic":
-            total += 9 * b.in_filters * b.width + bn * b.width
-            total += 9 * b.width * b.out_filters + bn * b.out_filters
-            sites += 2
-        elif b.kind == "bottleneck":
-            total += b.in_filters * b.width + bn * b.width
-            total += 9 * (b.width // b.groups) * b.width + bn * b.width
-            total += b.width * b.out_filters + bn * b.out_filters
-            sites += 3
-        else:  # preact
-            total += bn * b.in_filters + 9 * b.in_filters * b.width
-            total += bn * b.width + 9 * b.width * b.out_filters
-            sites += 2
-        if b.projection:
-            total += b.in_filters * b.out_filters
-            if b.kind != "preact":
-                total += bn * b.out_filters
-    last = blocks[-1].out_filters
-    if stem == "wrn":
-        total += bn * last
-        sites += 1
-    total += last * num_classes + num_classes
-    return total + weights_per_activation * sites
