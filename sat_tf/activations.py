@@ -13,24 +13,27 @@ The rule is read when the layer is *called* (at trace time inside a ``tf.functio
 attack and the weight update of the same model, in the same step, can each enter their own
 rule. Models never look at attacks; attacks and the trainer only enter this context.
 
+Each activation is one entry of :data:`TABLE` (its closed forms and shape parameter), which
+``forward``, ``derivative``, the layer and the backward rules all read. Adding one is that entry
+plus its name in :data:`sat_tf.names.ACTIVATIONS`; a test checks that the two agree.
+
 Everything here is pure Keras 3 (``keras.ops``), so it also runs under the JAX backend.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import threading
+from typing import Callable
 
 import keras
 from keras import ops
 
+from sat_tf.errors import UserError
 from sat_tf.names import ACTIVATIONS, BACKWARD_RULES  # noqa: F401  (re-exported)
 from sat_tf.names import activation as canonical_name
 from sat_tf.names import backward_rule as canonical_backward
-
-PARAMETRIC_SOFTPLUS_ALPHA = 10.0
-SMOOTH_RELU_BETA_INIT = 20.0
-CELU_ALPHA = 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,39 +66,77 @@ def backward_rule(name: str | None):
 
 
 # --------------------------------------------------------------------------------------------
-# Forward functions and their derivatives (closed forms, in the input's dtype).
+# The activations: closed forms (in the input's dtype) and the facts the layer needs.
 
-def _gelu_tanh_inner(x):
-    return math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One activation: an entry of :data:`TABLE`.
+
+    ``forward(x, alpha)`` is f(x) and ``derivative(x, alpha)`` is f'(x), in closed form and in
+    x's dtype; ``alpha`` is the shape parameter (activations of one fixed shape ignore it).
+    """
+
+    forward: Callable
+    derivative: Callable
+    alpha: float | None = None       # a family of shapes: the default alpha, which the layer
+                                     # lets the model builder override
+    beta: float | None = None        # a learnt shape (alpha = beta**2, one beta per call site):
+                                     # beta's initial value
+    d_alpha: Callable | None = None  # a learnt shape: df/dalpha(x, alpha) in closed form
+
+    @property
+    def learnable(self) -> bool:
+        return self.beta is not None
+
+    @property
+    def default_alpha(self) -> float | None:
+        """The alpha that :func:`forward` and :func:`derivative` use when given none."""
+        return self.beta * self.beta if self.learnable else self.alpha
+
+    @property
+    def backward_rule(self) -> bool:
+        """Whether a backward pass may be switched to this derivative: it is a function of x
+        alone (a learnt shape's depends on its call site's beta)."""
+        return not self.learnable
 
 
-def forward(name: str, x, *, alpha: float | None = None):
-    """f(x) for an activation of fixed shape (not smooth_relu, which owns a weight)."""
-    name = canonical_name(name)
-    if name == "relu":
-        return ops.relu(x)
-    if name == "softplus":
-        return ops.softplus(x)
-    if name == "parametric_softplus":
-        a = PARAMETRIC_SOFTPLUS_ALPHA if alpha is None else alpha
-        return ops.softplus(a * x) / a
-    if name == "silu":
-        return ops.silu(x)
-    if name == "gelu":
-        return ops.gelu(x, approximate=False)
-    if name == "gelu_tanh":
-        return ops.gelu(x, approximate=True)
-    if name == "elu":
-        return ops.elu(x)
-    if name == "celu":
-        a = CELU_ALPHA if alpha is None else alpha
-        return a * ops.elu(x / a)
-    if name == "mish":
-        return x * ops.tanh(ops.softplus(x))
-    if name == "smooth_relu":
-        a = (SMOOTH_RELU_BETA_INIT**2) if alpha is None else alpha
-        return smooth_relu(x, a)
-    raise AssertionError(name)
+def _relu_derivative(x, _):
+    return ops.cast(x > 0, x.dtype)
+
+
+def _silu_derivative(x, _):
+    s = ops.sigmoid(x)
+    return s * (1.0 + x * (1.0 - s))
+
+
+def _gelu_derivative(x, _):
+    cdf = 0.5 * (1.0 + ops.erf(x / math.sqrt(2.0)))
+    pdf = ops.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    return cdf + x * pdf
+
+
+def _gelu_tanh_derivative(x, _):
+    t = ops.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x))
+    du = math.sqrt(2.0 / math.pi) * (1.0 + 3.0 * 0.044715 * x * x)
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+
+
+def _celu(x, a):
+    return a * ops.elu(x / a)
+
+
+def _elu_derivative(x, _):
+    return ops.where(x > 0, ops.ones_like(x), ops.exp(ops.minimum(x, ops.zeros_like(x))))
+
+
+def _celu_derivative(x, a):
+    return ops.where(x > 0, ops.ones_like(x), ops.exp(ops.minimum(x, ops.zeros_like(x)) / a))
+
+
+def _mish_derivative(x, _):
+    sp = ops.softplus(x)
+    t = ops.tanh(sp)
+    return t + x * (1.0 - t * t) * ops.sigmoid(x)
 
 
 def smooth_relu(x, alpha):
@@ -104,51 +145,63 @@ def smooth_relu(x, alpha):
     return r - ops.log1p(alpha * r) / alpha
 
 
+def _smooth_relu_derivative(x, a):
+    r = ops.relu(x)
+    return ops.where(x > 0, a * r / (a * r + 1.0), ops.zeros_like(x))
+
+
+def _smooth_relu_d_alpha(x, a):
+    r = ops.relu(x)
+    return ops.log1p(a * r) / (a * a) - r / (a * (a * r + 1.0))
+
+
+TABLE: dict[str, Spec] = {
+    "relu": Spec(lambda x, _: ops.relu(x), _relu_derivative),
+    "softplus": Spec(lambda x, _: ops.softplus(x), lambda x, _: ops.sigmoid(x)),
+    "parametric_softplus": Spec(lambda x, a: ops.softplus(a * x) / a,
+                                lambda x, a: ops.sigmoid(a * x), alpha=10.0),
+    "silu": Spec(lambda x, _: ops.silu(x), _silu_derivative),
+    "gelu": Spec(lambda x, _: ops.gelu(x, approximate=False), _gelu_derivative),
+    "gelu_tanh": Spec(lambda x, _: ops.gelu(x, approximate=True), _gelu_tanh_derivative),
+    "elu": Spec(lambda x, _: ops.elu(x), _elu_derivative),
+    "celu": Spec(_celu, _celu_derivative, alpha=1.0),
+    "mish": Spec(lambda x, _: x * ops.tanh(ops.softplus(x)), _mish_derivative),
+    "smooth_relu": Spec(smooth_relu, _smooth_relu_derivative, beta=20.0,
+                        d_alpha=_smooth_relu_d_alpha),
+}
+
+
+def _alpha(name: str, alpha: float | None) -> float | None:
+    """``alpha``, or ``name``'s default; a UserError if ``name`` has no shape parameter."""
+    default = TABLE[name].default_alpha
+    if alpha is None:
+        return default
+    if default is None:
+        shaped = ", ".join(n for n, spec in TABLE.items() if spec.default_alpha is not None)
+        raise UserError(f"alpha={alpha!r} was given for activation {name!r}, which has no "
+                        f"shape parameter; activations with one: {shaped}.")
+    return alpha
+
+
+def forward(name: str, x, *, alpha: float | None = None):
+    """f(x); a learnt shape (smooth_relu) at its initial beta unless ``alpha`` is given."""
+    name = canonical_name(name)
+    return TABLE[name].forward(x, _alpha(name, alpha))
+
+
 def derivative(name: str, x, *, alpha: float | None = None):
     """f'(x) in closed form (relu'(0) = 0, as TensorFlow defines it)."""
     name = canonical_name(name)
-    zero = ops.zeros_like(x)
-    if name == "relu":
-        return ops.cast(x > 0, x.dtype)
-    if name == "softplus":
-        return ops.sigmoid(x)
-    if name == "parametric_softplus":
-        a = PARAMETRIC_SOFTPLUS_ALPHA if alpha is None else alpha
-        return ops.sigmoid(a * x)
-    if name == "silu":
-        s = ops.sigmoid(x)
-        return s * (1.0 + x * (1.0 - s))
-    if name == "gelu":
-        cdf = 0.5 * (1.0 + ops.erf(x / math.sqrt(2.0)))
-        pdf = ops.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
-        return cdf + x * pdf
-    if name == "gelu_tanh":
-        t = ops.tanh(_gelu_tanh_inner(x))
-        du = math.sqrt(2.0 / math.pi) * (1.0 + 3.0 * 0.044715 * x * x)
-        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
-    if name == "elu":
-        return ops.where(x > 0, ops.ones_like(x), ops.exp(ops.minimum(x, zero)))
-    if name == "celu":
-        a = CELU_ALPHA if alpha is None else alpha
-        return ops.where(x > 0, ops.ones_like(x), ops.exp(ops.minimum(x, zero) / a))
-    if name == "mish":
-        sp = ops.softplus(x)
-        t = ops.tanh(sp)
-        return t + x * (1.0 - t * t) * ops.sigmoid(x)
-    if name == "smooth_relu":
-        a = (SMOOTH_RELU_BETA_INIT**2) if alpha is None else alpha
-        r = ops.relu(x)
-        return ops.where(x > 0, a * r / (a * r + 1.0), zero)
-    raise AssertionError(name)
+    return TABLE[name].derivative(x, _alpha(name, alpha))
 
 
-def smooth_relu_dbeta(x, beta):
-    """d/dbeta of smooth_relu(x, beta**2) (alpha = beta**2), in closed form."""
-    a = beta * beta
-    r = ops.relu(x)
-    d_alpha = ops.log1p(a * r) / (a * a) - r / (a * (a * r + 1.0))
-    return 2.0 * beta * d_alpha
+def beta_derivative(name: str, x, beta):
+    """d/dbeta of f(x) with the learnt shape alpha = beta**2, in closed form."""
+    return 2.0 * beta * TABLE[canonical_name(name)].d_alpha(x, beta * beta)
 
+
+# --------------------------------------------------------------------------------------------
+# Backward surgery.
 
 def with_backward(forward_fn, rule: str):
     """Wraps y = forward_fn(x) so that dy/dx is ``derivative(rule, x)`` instead."""
@@ -167,16 +220,18 @@ def with_backward(forward_fn, rule: str):
     return fn
 
 
-def smooth_relu_with_backward(rule: str):
-    """smooth_relu(x, beta**2) with dy/dx = ``derivative(rule, x)`` and the true dy/dbeta.
+def learnt_with_backward(name: str, rule: str):
+    """f(x) of a learnt shape, alpha = beta**2, with dy/dx = ``derivative(rule, x)`` and the
+    true dy/dbeta.
 
     beta is an explicit input (a tensor, not the layer's variable), so that no variable is
     read inside the custom-gradient function.
     """
+    spec = TABLE[name]
 
     @ops.custom_gradient
     def fn(x, beta):
-        y = smooth_relu(x, beta * beta)
+        y = spec.forward(x, beta * beta)
 
         def grad(*args, upstream=None):
             if upstream is None:
@@ -184,7 +239,7 @@ def smooth_relu_with_backward(rule: str):
             dx = upstream * _surrogate(rule, x, upstream.dtype)
             up32 = ops.cast(upstream, "float32")
             x32, beta32 = ops.cast(x, "float32"), ops.cast(beta, "float32")
-            dbeta = ops.sum(up32 * smooth_relu_dbeta(x32, beta32))
+            dbeta = ops.sum(up32 * beta_derivative(name, x32, beta32))
             return dx, ops.cast(dbeta, beta.dtype)
 
         return y, grad
@@ -204,29 +259,31 @@ def _surrogate(rule, x, dtype):
 class Activation(keras.layers.Layer):
     """An activation call site: forward ``activation``; backward from the active rule.
 
-    ``smooth_relu`` owns one learnable scalar ``beta`` (alpha = beta**2, beta initialised to 20),
-    so every call site is its own layer with its own weight. ``alpha`` overrides the shape
-    parameter of parametric_softplus (default 10) and celu (default 1).
+    An activation with a learnt shape (smooth_relu: alpha = beta**2, beta initialised to 20)
+    owns one learnable scalar ``beta``, so every call site is its own layer with its own
+    weight. ``alpha`` overrides the default shape of a family (parametric_softplus: 10,
+    celu: 1).
     """
 
     def __init__(self, activation: str = "relu", alpha: float | None = None, **kwargs):
         super().__init__(**kwargs)
         self.activation = canonical_name(activation)
-        if alpha is not None and self.activation not in ("parametric_softplus", "celu"):
-            raise ValueError(
-                f"alpha={alpha!r} was given for activation {self.activation!r}; only "
-                "parametric_softplus and celu take alpha.")
+        if alpha is not None and TABLE[self.activation].alpha is None:
+            takers = ", ".join(n for n, spec in TABLE.items() if spec.alpha is not None)
+            raise UserError(f"alpha={alpha!r} was given for activation {self.activation!r}; "
+                            f"activations that take alpha: {takers}.")
         if alpha is not None and not alpha > 0:
-            raise ValueError(f"alpha must be positive, got {alpha!r}.")
+            raise UserError(f"alpha must be positive, got {alpha!r}.")
         self.alpha = alpha
         self.beta = None
 
     def build(self, input_shape):
-        if self.activation == "smooth_relu":
+        spec = TABLE[self.activation]
+        if spec.learnable:
             self.beta = self.add_weight(
                 name="beta",
                 shape=(),
-                initializer=keras.initializers.Constant(SMOOTH_RELU_BETA_INIT),
+                initializer=keras.initializers.Constant(spec.beta),
                 trainable=True,
             )
 
@@ -235,11 +292,12 @@ class Activation(keras.layers.Layer):
 
     def call(self, x):
         rule = current_backward_rule()
-        if self.activation == "smooth_relu":
+        spec = TABLE[self.activation]
+        if spec.learnable:
             beta = ops.cast(ops.convert_to_tensor(self.beta), x.dtype)
             if rule is None:
-                return smooth_relu(x, beta * beta)
-            return smooth_relu_with_backward(rule)(x, beta)
+                return spec.forward(x, beta * beta)
+            return learnt_with_backward(self.activation, rule)(x, beta)
         if rule is None:
             return self._forward(x)
         return with_backward(self._forward, rule)(x)

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sat_tf import activations
+from sat_tf import activations, names
 from sat_tf.activations import Activation, backward_rule
+from sat_tf.errors import UserError
 
 GRID = np.array([-1e4, -100.0, -20.0, -5.0, -2.0, -1.0, -0.5, -1e-3, 0.0, 1e-3, 0.5, 1.0, 2.0,
                  5.0, 20.0, 100.0, 1e4])
@@ -98,6 +99,24 @@ def _value_and_grad(layer, x):
 def _close(actual, expected, rtol=1e-5, atol=1e-5):
     # atol: float32 rounds sech^2 of large arguments to 0 where the truth is ~1e-6.
     np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=rtol, atol=atol)
+
+
+# ---- the table -------------------------------------------------------------------------------
+
+def test_table_has_every_name_and_the_backward_rules():
+    """Adding an activation is its table entry plus its name in sat_tf.names."""
+    assert sorted(activations.TABLE) == sorted(names.ACTIVATIONS)
+    assert len(names.ACTIVATIONS) == len(set(names.ACTIVATIONS))
+    rules = sorted(name for name, spec in activations.TABLE.items() if spec.backward_rule)
+    assert rules == sorted(names.BACKWARD_RULES)
+
+
+def test_table_shape_parameters():
+    shaped = {name: spec.default_alpha for name, spec in activations.TABLE.items()
+              if spec.default_alpha is not None}
+    assert shaped == {"parametric_softplus": 10.0, "celu": 1.0, "smooth_relu": 400.0}
+    assert [name for name, spec in activations.TABLE.items() if spec.learnable] == [
+        "smooth_relu"]
 
 
 # ---- values and derivatives ------------------------------------------------------------------
@@ -289,7 +308,8 @@ def test_smooth_relu_beta_gradient_matches_finite_difference():
     h = 1e-5
     fd = (total(3.0 + h) - total(3.0 - h)) / (2 * h)
     assert dbeta == pytest.approx(fd, rel=1e-4)
-    assert float(np.sum(activations.smooth_relu_dbeta(x, 3.0))) == pytest.approx(fd, rel=1e-6)
+    assert float(np.sum(activations.beta_derivative("smooth_relu", x, 3.0))) == pytest.approx(
+        fd, rel=1e-6)
 
 
 # ---- errors and serialization ----------------------------------------------------------------
@@ -304,10 +324,23 @@ def test_unknown_name_lists_the_valid_names():
 
 
 def test_alpha_only_where_it_means_something():
-    with pytest.raises(ValueError, match="alpha"):
+    with pytest.raises(UserError, match="'silu'.*parametric_softplus, celu") as e:
         Activation("silu", alpha=2.0)
-    with pytest.raises(ValueError, match="alpha"):
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="'smooth_relu'.*parametric_softplus, celu"):
+        Activation("smooth_relu", alpha=2.0)   # its alpha is the learnt beta**2
+    with pytest.raises(UserError, match="alpha"):
         Activation("celu", alpha=0.0)
+    for fn in (activations.forward, activations.derivative):
+        with pytest.raises(UserError, match="'relu'.*parametric_softplus, celu, smooth_relu"):
+            fn("relu", tf.constant(X), alpha=2.0)
+
+
+def test_smooth_relu_alpha_in_the_closed_forms():
+    _close(activations.forward("smooth_relu", tf.constant(X), alpha=9.0),
+           _value("smooth_relu", X.astype(np.float64), alpha=9.0))
+    _close(activations.derivative("smooth_relu", tf.constant(X), alpha=9.0),
+           _slope("smooth_relu", X.astype(np.float64), alpha=9.0))
 
 
 @pytest.mark.parametrize("name,alpha", [("relu", None), ("parametric_softplus", 4.0),
