@@ -58,8 +58,8 @@ def main(argv):
     import tensorflow as tf
 
     from sat_tf import training
-    from sat_tf.config import (AttackConfig, DataConfig, Experiment, ModelConfig,
-                               RuntimeConfig, TrainConfig)
+    from sat_tf.config import (AttackConfig, DataConfig, Experiment, LoopConfig, ModelConfig,
+                               RuntimeConfig, ScheduleConfig, TrainConfig)
 
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0" if not tf.config.list_physical_devices(
         "GPU") else "/gpu:0")
@@ -80,8 +80,8 @@ def main(argv):
                             synthetic_num_classes=FLAGS.num_classes),
             train_attack=AttackConfig(epsilon=4.0, step_size=4.0, num_steps=max(k, 1),
                                       random_start=True, clean_start_prob=0.2),
-            train=TrainConfig(adversarial=k > 0, global_batch_size=b, train_steps=1000,
-                              warmup_epochs=0.0, summary_images=0),
+            train=TrainConfig(adversarial=k > 0, global_batch_size=b, train_steps=1000),
+            schedule=ScheduleConfig(warmup_epochs=0.0), loop=LoopConfig(summary_images=0),
             runtime=RuntimeConfig(strategy="one_device", jit_compile=jit),
             model_dir=tempfile.mkdtemp(prefix="sat_bench_"))
         trainer = training.Trainer(exp, strategy=strategy, log=lambda _: None)

@@ -25,176 +25,181 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from absl import flags, logging  # noqa: E402
+from absl import flags  # noqa: E402
 
-from sat_tf import cli, experiments, names, recipes  # noqa: E402
+from sat_tf import cli, config, experiments, names, recipes  # noqa: E402
 from sat_tf import data as data_lib  # noqa: E402
+from sat_tf.errors import UserError  # noqa: E402
 from sat_tf.config import (DATASETS, LR_SCHEDULES, MIXED_PRECISION, OPTIMIZERS,  # noqa: E402
-                           PREPROCESSINGS, RESUME_INPUT, STRATEGIES, Experiment, ModelConfig,
-                           DataConfig)
+                           PREPROCESSINGS, RESUME_INPUT, STRATEGIES, DataConfig, Experiment,
+                           ModelConfig)
 
 FLAGS = flags.FLAGS
 
-# (flag, kind, config paths it sets, help). Every flag defaults to None: "not given", so a
-# preset's value stands unless the flag is given.
+flags.DEFINE_string("experiment", None, "A named preset (python run/experiments.py list); the "
+                    "other flags override its fields.")
+flags.DEFINE_multi_string(
+    "set", [], "Any config field by its dotted path, e.g. --set=optimizer.momentum=0.95 "
+    "--set=schedule.decay_boundaries=30,60,80 --set=train.ema_decay=none (the sections and "
+    "fields are those of experiment.json); applied after the named flags.")
+flags.DEFINE_bool("use_bfloat16", None, "The TPU code's flag: --use_bfloat16 is "
+                  "--mixed_precision=mixed_bfloat16, --nouse_bfloat16 is --mixed_precision=none.")
+
+# (flag, config paths it sets, help): named shortcuts for the fields most runs set. The flag's
+# type is its field's. Every flag defaults to None: "not given", so a preset's value stands
+# unless the flag is given.
 _FLAGS = [
-    ("experiment", "string", (), "A named preset (python run/experiments.py list); the other "
-     "flags override its fields."),
     # model
-    ("model", "string", ("model.name",), f"Model: {names.MODEL_NAMES_HELP}."),
-    ("activation", "string", ("model.activation",),
+    ("model", ("model.name",), f"Model: {names.MODEL_NAMES_HELP}."),
+    ("activation", ("model.activation",),
      f"Activation (forward and backward): {', '.join(names.ACTIVATIONS)}; swish = silu."),
-    ("image_size", "integer", ("model.image_size",),
+    ("image_size", ("model.image_size",),
      "Input resolution (default: the dataset's, else the model's, e.g. EfficientNet's table)."),
-    ("num_classes", "integer", ("model.num_classes",),
+    ("num_classes", ("model.num_classes",),
      "Classes of the model's head, at least the data's (default: the dataset's, from "
      "conversion.json for a converted folder; with --dataset=synthetic it sets the dataset's "
      "too)."),
-    ("dropout_rate", "float", ("model.dropout_rate",),
+    ("dropout_rate", ("model.dropout_rate",),
      "Dropout before the classifier (default: the model's, EfficientNet's table)."),
-    ("drop_connect_rate", "float", ("model.drop_connect_rate",),
+    ("drop_connect_rate", ("model.drop_connect_rate",),
      "EfficientNet stochastic-depth rate (default 0.2)."),
     # data
-    ("dataset", "string", ("data.dataset",),
+    ("dataset", ("data.dataset",),
      f"Dataset: {', '.join(DATASETS)} (images: any folder run/make_tfrecords.py converted; "
      "default: what --data_dir's conversion.json records, imagenet for a folder without one, "
      "else synthetic)."),
-    ("data_dir", "string", ("data.data_dir",),
+    ("data_dir", ("data.data_dir",),
      "TFRecord folder (local or gs://) or TFDS data_dir."),
-    ("preprocessing", "string", ("data.preprocessing",),
+    ("preprocessing", ("data.preprocessing",),
      f"imagenet/images folders: {', '.join(PREPROCESSINGS)} (imagenet: random-resized crop, "
      "centre crop for evaluation; resize: the whole image; cifar: the whole image, pad-4 crop "
      "and flip). Default: resize for images of at most 64 px, else imagenet."),
-    ("label_base", "integer", ("data.label_base",),
+    ("label_base", ("data.label_base",),
      "The first label in the TFRecords: 1 (official format, default) or 0."),
-    ("num_eval_images", "integer", ("data.num_eval_examples",),
+    ("num_eval_images", ("data.num_eval_examples",),
      "Evaluation-split size (default: conversion.json's, else the dataset's)."),
-    ("data_source", "string", ("data.source",),
+    ("data_source", ("data.source",),
      "Where the data comes from: tfrecord or tfds (default: tfds for cifar10, tfrecord for "
      "imagenet)."),
-    ("manual_dir", "string", ("data.manual_dir",),
+    ("manual_dir", ("data.manual_dir",),
      "TFDS imagenet2012: the folder holding the ILSVRC2012 tar files."),
-    ("augment", "string", ("data.augment",),
+    ("augment", ("data.augment",),
      "ImageNet training augmentation on top of crop+flip: none, randaugment, autoaugment."),
-    ("randaugment_layers", "integer", ("data.randaugment_layers",), "RandAugment N (default 2)."),
-    ("randaugment_magnitude", "float", ("data.randaugment_magnitude",),
+    ("randaugment_layers", ("data.randaugment_layers",), "RandAugment N (default 2)."),
+    ("randaugment_magnitude", ("data.randaugment_magnitude",),
      "RandAugment M, 0-30 (default 10)."),
-    ("cifar_padding", "string", ("data.cifar_padding",),
+    ("cifar_padding", ("data.cifar_padding",),
      "CIFAR-10 training crop padding: reflect or zero."),
-    ("shuffle_buffer", "integer", ("data.shuffle_buffer",), "Shuffle buffer (records per host)."),
-    ("num_parallel_reads", "integer", ("data.num_parallel_reads",),
+    ("shuffle_buffer", ("data.shuffle_buffer",), "Shuffle buffer (records per host)."),
+    ("num_parallel_reads", ("data.num_parallel_reads",),
      "TFRecord files read at once per host."),
-    ("skip_corrupt", "bool", ("data.skip_corrupt",),
+    ("skip_corrupt", ("data.skip_corrupt",),
      "Skip (and count, on stderr) corrupt records / undecodable images instead of failing with "
      "an error that names the file."),
-    ("cache_eval", "bool", ("data.cache_eval",),
+    ("cache_eval", ("data.cache_eval",),
      "Keep the decoded evaluation images in memory after the first evaluation."),
-    ("synthetic_train_examples", "integer", ("data.synthetic_train_examples",),
+    ("synthetic_train_examples", ("data.synthetic_train_examples",),
      "--dataset=synthetic: examples in the training split (default 1024)."),
-    ("synthetic_eval_examples", "integer", ("data.synthetic_eval_examples",),
+    ("synthetic_eval_examples", ("data.synthetic_eval_examples",),
      "--dataset=synthetic: examples in the evaluation split (default 256)."),
-    ("num_train_images", "integer", ("data.num_train_examples",),
+    ("num_train_images", ("data.num_train_examples",),
      "Training-set size used for epochs and the schedule (default: conversion.json's, else "
      "the dataset's)."),
     # model_dir
-    ("model_dir", "string", ("model_dir",),
+    ("model_dir", ("model_dir",),
      "Where checkpoints, TensorBoard summaries and experiment.json go (local or gs://); "
      "re-running with the same model_dir resumes."),
     # schedule and optimizer
-    ("train_batch_size", "integer", ("train.global_batch_size",),
+    ("train_batch_size", ("train.global_batch_size",),
      "Global batch size, split evenly over the replicas."),
-    ("train_epochs", "float", ("train.train_epochs",), "Training length in epochs."),
-    ("train_steps", "integer", ("train.train_steps",),
+    ("train_epochs", ("train.train_epochs",), "Training length in epochs."),
+    ("train_steps", ("train.train_steps",),
      "Training length in steps (instead of --train_epochs)."),
-    ("optimizer", "string", ("train.optimizer",), f"Optimizer: {', '.join(OPTIMIZERS)}."),
-    ("base_learning_rate", "float", ("train.base_learning_rate",),
+    ("optimizer", ("optimizer.name",), f"Optimizer: {', '.join(OPTIMIZERS)}."),
+    ("base_learning_rate", ("schedule.base_learning_rate",),
      "Learning rate per 256 images; scaled by train_batch_size / 256."),
-    ("lr_schedule", "string", ("train.lr_schedule",),
+    ("lr_schedule", ("schedule.name",),
      f"Learning-rate schedule after the warm-up: {', '.join(LR_SCHEDULES)}."),
-    ("warmup_epochs", "float", ("train.warmup_epochs",), "Linear warm-up length in epochs."),
-    ("momentum", "float", ("train.momentum",), "Momentum of SGD / RMSProp (Adam's beta_1)."),
-    ("weight_decay", "float", ("train.weight_decay",),
+    ("warmup_epochs", ("schedule.warmup_epochs",), "Linear warm-up length in epochs."),
+    ("momentum", ("optimizer.momentum",), "Momentum of SGD / RMSProp (Adam's beta_1)."),
+    ("weight_decay", ("optimizer.weight_decay",),
      "L2 weight decay, wd * 0.5 * sum(w^2) over the non-batch-norm weights."),
-    ("label_smoothing", "float", ("train.label_smoothing",), "Label smoothing of the loss."),
-    ("ema_decay", "float", ("train.ema_decay",),
+    ("label_smoothing", ("train.label_smoothing",), "Label smoothing of the loss."),
+    ("ema_decay", ("train.ema_decay",),
      "Exponential moving average of the weights (e.g. 0.9999), used for evaluation; "
      "0 turns it off."),
-    ("seed", "integer", ("train.seed",),
+    ("seed", ("train.seed",),
      "Seed of the initial weights and the attack's random starts."),
     # attack
-    ("adversarial", "bool", ("train.adversarial",),
+    ("adversarial", ("train.adversarial",),
      "Adversarial training (--noadversarial: clean training with the same code)."),
-    ("attack_epsilon", "float", ("train_attack.epsilon", "eval_attack.epsilon"),
+    ("attack_epsilon", ("train_attack.epsilon", "eval_attack.epsilon"),
      "L-infinity radius in pixels of [0, 255] (4 = 4/255), for training and evaluation "
      "(also recorded as run/eval.py's default)."),
-    ("attack_step_size", "float", ("train_attack.step_size",),
+    ("attack_step_size", ("train_attack.step_size",),
      "Training attack step size in pixels (default: the protocol's, scaled by "
      "--attack_epsilon / the protocol's epsilon)."),
-    ("attack_steps", "integer", ("train_attack.num_steps",), "Training attack PGD steps."),
-    ("attack_clean_start_prob", "float", ("train_attack.clean_start_prob",),
+    ("attack_steps", ("train_attack.num_steps",), "Training attack PGD steps."),
+    ("attack_clean_start_prob", ("train_attack.clean_start_prob",),
      "Probability that a training batch's attack starts from the clean image (else random)."),
-    ("attacker_backward", "string", ("train_attack.backward",),
+    ("attacker_backward", ("train_attack.backward",),
      "Table 1: the backward rule of the activations while the training attack computes its "
      f"gradient: natural, {', '.join(names.BACKWARD_RULES)}."),
-    ("optimizer_backward", "string", ("train.optimizer_backward",),
+    ("optimizer_backward", ("train.optimizer_backward",),
      "Table 1: the backward rule of the activations in the weight gradient."),
     # periodic evaluation
-    ("eval_every_steps", "integer", ("train.eval_every_steps",),
+    ("eval_every_steps", ("loop.eval_every_steps",),
      "Evaluate (clean + PGD on the validation split) every this many steps; always at the end."),
-    ("eval_steps", "integer", ("train.eval_steps",),
+    ("eval_steps", ("loop.eval_steps",),
      "Batches per evaluation (default: the whole split)."),
-    ("eval_batch_size", "integer", ("train.eval_batch_size",),
+    ("eval_batch_size", ("loop.eval_batch_size",),
      "Global evaluation batch size (default: train_batch_size)."),
-    ("eval_attack_steps", "integer", ("eval_attack.num_steps",), "Evaluation PGD steps."),
-    ("eval_attack_step_size", "float", ("eval_attack.step_size", "evaluation.attack_step_size"),
+    ("eval_attack_steps", ("eval_attack.num_steps",), "Evaluation PGD steps."),
+    ("eval_attack_step_size", ("eval_attack.step_size", "evaluation.attack_step_size"),
      "Evaluation PGD step size in pixels (default: the protocol's, 1 at epsilon 4, scaled "
      "by --attack_epsilon / the protocol's epsilon)."),
     # loop, checkpoints, summaries
-    ("steps_per_loop", "integer", ("train.steps_per_loop",),
+    ("steps_per_loop", ("loop.steps_per_loop",),
      "Steps run on the device per host round trip (the TPU code's iterations_per_loop)."),
-    ("checkpoint_every_steps", "integer", ("train.checkpoint_every_steps",),
+    ("checkpoint_every_steps", ("loop.checkpoint_every_steps",),
      "Checkpoint interval in steps."),
-    ("keep_checkpoint_max", "integer", ("train.max_checkpoints_to_keep",),
+    ("keep_checkpoint_max", ("loop.max_checkpoints_to_keep",),
      "Checkpoints kept."),
-    ("summary_every_steps", "integer", ("train.summary_every_steps",),
+    ("summary_every_steps", ("loop.summary_every_steps",),
      "Interval of the console progress line and the TensorBoard summaries."),
-    ("resume_input", "string", ("train.resume_input",),
+    ("resume_input", ("loop.resume_input",),
      f"How a resumed run positions its input: {', '.join(RESUME_INPUT)} (skip replays the "
      "consumed batches: exact, slower to start)."),
     # runtime
-    ("tpu", "string", ("runtime.tpu",),
+    ("tpu", ("runtime.tpu",),
      "TPU name, grpc:// address, or 'local' on a TPU VM; implies --strategy=tpu."),
-    ("strategy", "string", ("runtime.strategy",), f"Distribution: {', '.join(STRATEGIES)}."),
-    ("num_gpus", "integer", ("runtime.num_gpus",),
+    ("strategy", ("runtime.strategy",), f"Distribution: {', '.join(STRATEGIES)}."),
+    ("num_gpus", ("runtime.num_gpus",),
      "mirrored: use the first N GPUs (default: all)."),
-    ("logical_cpus", "integer", ("runtime.logical_cpus",),
+    ("logical_cpus", ("runtime.logical_cpus",),
      "Split the CPU into N logical devices, so --strategy=mirrored runs N replicas on a "
      "CPU-only machine (testing)."),
-    ("mixed_precision", "string", ("runtime.mixed_precision",),
+    ("mixed_precision", ("runtime.mixed_precision",),
      f"Keras mixed-precision policy: {', '.join(MIXED_PRECISION)} (auto: mixed_bfloat16 on a "
      "TPU, as the TPU code trains; none elsewhere)."),
-    ("use_bfloat16", "bool", (), "The TPU code's flag: --use_bfloat16 is "
-     "--mixed_precision=mixed_bfloat16, --nouse_bfloat16 is --mixed_precision=none."),
-    ("jit_compile", "bool", ("runtime.jit_compile",),
+    ("jit_compile", ("runtime.jit_compile",),
      "Compile the attack + forward + backward with XLA."),
-    ("deterministic", "bool", ("runtime.deterministic",),
+    ("deterministic", ("runtime.deterministic",),
      "Enable TensorFlow op determinism (bitwise-reproducible runs, slower)."),
-    ("peer_timeout_seconds", "float", ("runtime.peer_timeout_seconds",),
+    ("peer_timeout_seconds", ("runtime.peer_timeout_seconds",),
      "multi_worker: how long each worker waits at start-up for all workers of TF_CONFIG's "
      "cluster before failing (default 900)."),
 ]
 _ALIASES = {"moving_average_decay": "ema_decay", "iterations_per_loop": "steps_per_loop",
             "train_batch": "train_batch_size"}
 
-_DEFINE = {"string": flags.DEFINE_string, "integer": flags.DEFINE_integer,
+_DEFINE = {"str": flags.DEFINE_string, "int": flags.DEFINE_integer,
            "float": flags.DEFINE_float, "bool": flags.DEFINE_bool}
-for _name, _kind, _paths, _help in _FLAGS:
+for _name, _paths, _help in _FLAGS:
+    _kind = next(k.strip() for k in config.field_type(_paths[0]).split("|") if k.strip() != "None")
     _DEFINE[_kind](_name, None, _help)
 for _alias, _target in _ALIASES.items():
     flags.DEFINE_alias(_alias, _target)
-
-def _fail(message: str) -> None:
-    cli.fail("train.py", message)
 
 
 def _given(name: str):
@@ -219,7 +224,7 @@ def dataset_from_flags() -> tuple[str, str | None]:
         return "imagenet", None
     dataset = manifest.get("dataset")
     if dataset not in DATASETS:
-        raise ValueError(f"{manifest['_path']} records dataset {dataset!r}; give --dataset "
+        raise UserError(f"{manifest['_path']} records dataset {dataset!r}; give --dataset "
                          f"({', '.join(DATASETS)}).")
     return dataset, ("tfrecord" if dataset == "cifar10" else None)
 
@@ -231,18 +236,16 @@ def base_experiment(dataset: str | None) -> Experiment:
         return experiments.get(_given("experiment"))
     model = _given("model") or ModelConfig().name
     dataset = dataset or DataConfig().dataset
-    family, _ = names.model(model)
     if dataset in PROTOCOLS:
         exp = experiments.get(PROTOCOLS[dataset])
         exp.name, exp.paper = "custom", {}
         exp.description = f"The {dataset} protocol of preset {PROTOCOLS[dataset]}."
         return exp
-    train = recipes.efficientnet() if family == "efficientnet" else recipes.resnet()
-    return Experiment(name="custom", train=train)
+    return Experiment(name="custom", **recipes.for_model(model).sections())
 
 
 def experiment_from_flags() -> Experiment:
-    """The experiment the command line describes (TF-free; ValueError on bad values)."""
+    """The experiment the command line describes (TF-free; UserError on bad values)."""
     dataset, source = dataset_from_flags()
     exp = base_experiment(dataset)
     overrides = {}
@@ -250,24 +253,29 @@ def experiment_from_flags() -> Experiment:
         overrides["data.dataset"] = dataset
     if source is not None and _given("data_source") is None:
         overrides["data.source"] = source
-    for name, _kind, paths, _help in _FLAGS:
+    for name, paths, _help in _FLAGS:
         value = _given(name)
-        if value is None or not paths:
+        if value is None:
             continue
         if name == "ema_decay" and value == 0:
             value = None
         for path in paths:
             overrides[path] = value
-    if _given("train_steps") is not None and _given("train_epochs") is not None:
-        raise ValueError("Give --train_steps or --train_epochs, not both.")
-    if _given("train_steps") is not None:
+    for item in FLAGS.set:
+        path, value = config.parse_override(item)
+        overrides[path] = value
+    # The length is one of steps / epochs: the one given replaces the preset's other.
+    steps, epochs = overrides.get("train.train_steps"), overrides.get("train.train_epochs")
+    if steps is not None and epochs is not None:
+        raise UserError("Give --train_steps or --train_epochs, not both.")
+    if steps is not None:
         overrides["train.train_epochs"] = None
-    if _given("train_epochs") is not None:
+    if epochs is not None:
         overrides["train.train_steps"] = None
     if _given("use_bfloat16") is not None:
         policy = "mixed_bfloat16" if _given("use_bfloat16") else "none"
         if _given("mixed_precision") not in (None, policy):
-            raise ValueError(f"--{'' if _given('use_bfloat16') else 'no'}use_bfloat16 "
+            raise UserError(f"--{'' if _given('use_bfloat16') else 'no'}use_bfloat16 "
                              f"contradicts --mixed_precision={_given('mixed_precision')}.")
         overrides["runtime.mixed_precision"] = policy
     if _given("num_classes") is not None and (_given("dataset") or exp.data.dataset) == "synthetic":
@@ -288,7 +296,7 @@ def experiment_from_flags() -> Experiment:
         overrides["runtime.strategy"] = "tpu"
     exp = exp.replace(**overrides)
     if not exp.model_dir:
-        raise ValueError("--model_dir is required (where checkpoints and summaries go).")
+        raise UserError("--model_dir is required (where checkpoints and summaries go).")
     exp.validate()
     check_model_dir(exp.model_dir)
     return exp
@@ -301,31 +309,21 @@ def check_model_dir(model_dir: str) -> None:
     try:
         os.makedirs(model_dir, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"model_dir {model_dir!r} cannot be created: {e.strerror}.") from None
+        raise UserError(f"model_dir {model_dir!r} cannot be created: {e.strerror}.") from None
     if not os.access(model_dir, os.W_OK):
-        raise ValueError(f"model_dir {model_dir!r} is not writable.")
+        raise UserError(f"model_dir {model_dir!r} is not writable.")
 
 
 def main(argv):
-    if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}; every option is a --flag.")
-    try:
-        exp = experiment_from_flags()
-    except ValueError as e:
-        _fail(str(e))
-
-    # Only now TensorFlow.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # TensorFlow's INFO lines drown the progress
-    from sat_tf import distribute, training
+    exp = cli.start("train.py", argv, experiment_from_flags, quiet_logging=True)
+    from sat_tf import distribute, training   # only now TensorFlow
 
     try:
         strategy = distribute.strategy_from_config(exp.runtime, seed=exp.train.seed)
         trainer = training.Trainer(exp, strategy=strategy,
                                    log=lambda line: print(line, flush=True))
-    except ValueError as e:
-        _fail(str(e))
+    except UserError as e:      # found on building: the data's facts, memory
+        cli.fail("train.py", str(e))
     import tensorflow as tf
     from sat_tf import memory
     try:

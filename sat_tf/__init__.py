@@ -8,9 +8,10 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "activations", "attacks", "config", "data", "distribute", "efficientnet", "evaluation",
-    "experiments", "export", "loading", "models", "names", "plots", "recipes", "reports", "resnet",
-    "training",
+    "activations", "attacks", "cli", "config", "data", "distribute", "efficientnet", "ema",
+    "errors", "evaluation", "experiments", "export", "families", "install", "loading", "memory",
+    "model_weights", "models", "names", "optimizers", "plots", "recipes", "reports", "resnet",
+    "robustness", "rundir", "schedules", "step", "summaries", "training",
 )
 
 

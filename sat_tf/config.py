@@ -5,12 +5,15 @@ preset plus flag overrides) and hand to the library. Nothing below ``run/`` read
 
 Each section belongs to one part of the library (DESIGN.md §2):
 ``model`` -> sat_tf.models, ``data`` -> sat_tf.data, ``train_attack`` / ``eval_attack`` ->
-sat_tf.attacks, ``train`` -> sat_tf.training, ``runtime`` -> sat_tf.distribute,
-``evaluation`` -> sat_tf.evaluation.
+sat_tf.attacks, ``train`` (what is trained, how long) -> sat_tf.step and sat_tf.training,
+``optimizer`` -> sat_tf.optimizers, ``schedule`` -> sat_tf.schedules, ``loop`` (cadence) ->
+sat_tf.training, ``runtime`` -> sat_tf.distribute, ``evaluation`` -> run/eval.py's protocol
+(sat_tf.robustness).
 
-``validate()`` checks every field that can be checked without TensorFlow and raises a
-one-line ``ValueError`` naming the bad value and the valid choices, so bad input fails before
-any work starts.
+``validate()`` is the one place that checks a value that can be checked without TensorFlow:
+it raises a one-line :class:`~sat_tf.errors.UserError` naming the bad value and the valid
+choices, so bad input fails before any work starts. Every field has a dotted path
+(``optimizer.momentum``); :func:`parse_override` reads ``path=value`` as the field's type.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sat_tf import names
+from sat_tf.errors import UserError
 
 DATASETS = ("synthetic", "digits", "cifar10", "imagenet", "images")
 # How a folder of encoded images (imagenet, images) becomes model input: "imagenet" (random
@@ -31,8 +35,6 @@ LABEL_BASES = (0, 1)
 DATA_SOURCES = ("tfrecord", "tfds")
 AUGMENTATIONS = ("none", "randaugment", "autoaugment")
 CIFAR_PADDINGS = ("reflect", "zero")
-NORMALIZATIONS = ("sat", "imagenet")
-STEMS = ("imagenet", "cifar")
 OPTIMIZERS = ("sgd_nesterov", "sgd", "rmsprop", "adam")
 LR_SCHEDULES = ("step", "cosine", "exponential", "constant")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
@@ -44,7 +46,7 @@ WEIGHT_DECAY_SCOPES = ("kernels", "non_bn")
 
 def _choice(what: str, value, choices) -> None:
     if value not in choices:
-        raise ValueError(f"Invalid {what} {value!r}; valid choices: {', '.join(map(str, choices))}.")
+        raise UserError(f"Invalid {what} {value!r}; valid choices: {', '.join(map(str, choices))}.")
 
 
 MAX_COUNT = 2**31 - 1   # steps, batches, examples...: TensorFlow counts them in int32 or int64
@@ -57,11 +59,11 @@ def _positive(what: str, value, allow_zero: bool = False) -> None:
     ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
           and (value >= 0 if allow_zero else value > 0))
     if ok and isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"Invalid {what} {value!r}; it must be a finite number {bound}.")
+        raise UserError(f"Invalid {what} {value!r}; it must be a finite number {bound}.")
     if ok and isinstance(value, int) and value > MAX_COUNT:
-        raise ValueError(f"Invalid {what} {value!r}; it must be at most {MAX_COUNT}.")
+        raise UserError(f"Invalid {what} {value!r}; it must be at most {MAX_COUNT}.")
     if not ok:
-        raise ValueError(f"Invalid {what} {value!r}; it must be {bound}.")
+        raise UserError(f"Invalid {what} {value!r}; it must be {bound}.")
 
 
 def _fraction(what: str, value, *, closed: bool = False) -> None:
@@ -69,12 +71,12 @@ def _fraction(what: str, value, *, closed: bool = False) -> None:
     ok = isinstance(value, (int, float)) and (0.0 <= value <= 1.0 if closed
                                               else 0.0 <= value < 1.0)
     if not ok:
-        raise ValueError(f"Invalid {what} {value!r}; it must be in [0, {'1]' if closed else '1)'}.")
+        raise UserError(f"Invalid {what} {value!r}; it must be in [0, {'1]' if closed else '1)'}.")
 
 
 def _seed(what: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
-        raise ValueError(f"Invalid {what} {value!r}; it must be an integer in [0, {MAX_SEED}].")
+        raise UserError(f"Invalid {what} {value!r}; it must be an integer in [0, {MAX_SEED}].")
 
 
 @dataclass
@@ -91,22 +93,11 @@ class ModelConfig:
     drop_connect_rate: float | None = None  # None: the model's default (EfficientNet 0.2)
 
     def validate(self) -> None:
-        names.model(self.name)
-        names.activation(self.activation)
-        _choice("normalization", self.normalization, NORMALIZATIONS)
-        if self.stem is not None:
-            _choice("stem", self.stem, STEMS)
-        if self.num_classes is not None:
-            _positive("num_classes", self.num_classes)
-        if self.image_size is not None:
-            _positive("image_size", self.image_size)
-        if not 0.0 <= self.bn_momentum < 1.0:
-            raise ValueError(f"Invalid bn_momentum {self.bn_momentum!r}; it must be in [0, 1).")
-        _positive("bn_epsilon", self.bn_epsilon)
-        for what in ("dropout_rate", "drop_connect_rate"):
-            v = getattr(self, what)
-            if v is not None and not 0.0 <= v < 1.0:
-                raise ValueError(f"Invalid {what} {v!r}; it must be in [0, 1).")
+        """The checks :func:`sat_tf.models.build_model` makes (:func:`sat_tf.names.check_model`);
+        num_classes and image_size None are the dataset's, checked when the model is built."""
+        names.check_model(self.name, self.activation, self.num_classes, self.image_size,
+                          self.normalization, self.stem, self.bn_momentum, self.bn_epsilon,
+                          self.dropout_rate, self.drop_connect_rate)
 
 
 @dataclass
@@ -150,7 +141,7 @@ class DataConfig:
             _choice("preprocessing", self.preprocessing, PREPROCESSINGS)
             own = {"cifar10": "cifar", "digits": "resize", "synthetic": "resize"}.get(self.dataset)
             if own is not None and self.preprocessing != own:
-                raise ValueError(f"Invalid preprocessing {self.preprocessing!r} for dataset "
+                raise UserError(f"Invalid preprocessing {self.preprocessing!r} for dataset "
                                  f"{self.dataset!r}; it has only {own!r} (the choice applies "
                                  "to imagenet and images folders).")
         if self.source is not None:
@@ -162,22 +153,22 @@ class DataConfig:
         _positive("num_parallel_reads", self.num_parallel_reads)
         _positive("randaugment_layers", self.randaugment_layers, allow_zero=True)
         if not 0.0 <= self.randaugment_magnitude <= 30.0:
-            raise ValueError(f"Invalid randaugment_magnitude {self.randaugment_magnitude!r}; "
+            raise UserError(f"Invalid randaugment_magnitude {self.randaugment_magnitude!r}; "
                              "it must be in [0, 30].")
         _positive("synthetic_image_size", self.synthetic_image_size)
         _positive("synthetic_num_classes", self.synthetic_num_classes)
         _positive("synthetic_train_examples", self.synthetic_train_examples)
         _positive("synthetic_eval_examples", self.synthetic_eval_examples)
         if self.augment != "none" and self.dataset not in ("imagenet", "images"):
-            raise ValueError(f"Invalid augmentation {self.augment!r} for dataset {self.dataset!r}; "
+            raise UserError(f"Invalid augmentation {self.augment!r} for dataset {self.dataset!r}; "
                              "RandAugment/AutoAugment apply to imagenet and images only (use "
                              "'none').")
         if (self.dataset in ("imagenet", "images") and self.resolved_source() == "tfrecord"
                 and not self.data_dir):
-            raise ValueError(f"dataset {self.dataset!r} needs data_dir (a folder of "
+            raise UserError(f"dataset {self.dataset!r} needs data_dir (a folder of "
                              "train-*/validation-* TFRecords).")
         if self.dataset in ("synthetic", "digits", "images") and self.source == "tfds":
-            raise ValueError(f"Invalid data source 'tfds' for dataset {self.dataset!r}; valid "
+            raise UserError(f"Invalid data source 'tfds' for dataset {self.dataset!r}; valid "
                              "choices: tfrecord (or none).")
 
     def resolved_source(self) -> str:
@@ -204,97 +195,126 @@ class AttackConfig:
         _positive("attack step size", self.step_size, allow_zero=True)
         _positive("attack steps", self.num_steps, allow_zero=True)
         if not 0.0 <= self.clean_start_prob <= 1.0:
-            raise ValueError(f"Invalid clean_start_prob {self.clean_start_prob!r}; it must be in [0, 1].")
+            raise UserError(f"Invalid clean_start_prob {self.clean_start_prob!r}; it must be in [0, 1].")
         _choice("attack mode", self.mode, ATTACK_MODES)
         names.backward_rule(self.backward)
 
 
 @dataclass
 class TrainConfig:
+    """What is trained on and how long: the adversarial or clean images, the batch, the length,
+    the loss's label smoothing, Table 1's optimizer arm, the EMA and the seed."""
+
     adversarial: bool = True               # False: clean training with the same code (baselines)
     global_batch_size: int = 256
     train_epochs: float | None = 100       # one of train_epochs / train_steps
     train_steps: int | None = None
     num_train_examples: int | None = None  # None: the dataset's
-    optimizer: str = "sgd_nesterov"
-    momentum: float = 0.9
+    label_smoothing: float = 0.1
+    ema_decay: float | None = None         # e.g. 0.9999; None: no EMA
+    optimizer_backward: str | None = None  # Table 1: the optimizer's backward rule (None: natural)
+    seed: int = 0
+
+    def validate(self) -> None:
+        _positive("global batch size", self.global_batch_size)
+        if self.train_steps is None and self.train_epochs is None:
+            raise UserError("Set one of train_epochs or train_steps.")
+        if self.train_steps is not None:
+            _positive("train_steps", self.train_steps)
+        if self.train_epochs is not None:
+            _positive("train_epochs", self.train_epochs)
+        if self.num_train_examples is not None:
+            _positive("num_train_examples", self.num_train_examples)
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UserError(f"Invalid label_smoothing {self.label_smoothing!r}; it must be in "
+                            "[0, 1).")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise UserError(f"Invalid ema_decay {self.ema_decay!r}; it must be in (0, 1).")
+        _seed("seed", self.seed)
+        names.backward_rule(self.optimizer_backward)
+
+
+@dataclass
+class OptimizerConfig:
+    """The optimizer and the weight decay added to the loss."""
+
+    name: str = "sgd_nesterov"             # OPTIMIZERS
+    momentum: float = 0.9                  # SGD / RMSProp momentum, Adam's beta_1
     rmsprop_decay: float = 0.9
-    optimizer_epsilon: float = 1e-3        # RMSProp epsilon of the EfficientNet recipe
-    base_learning_rate: float = 0.1        # per 256 images; scaled by global_batch_size / 256
-    lr_schedule: str = "step"
-    warmup_epochs: float = 5.0
-    decay_boundaries: tuple[float, ...] = (30.0, 60.0, 90.0)  # epochs, for "step"
-    decay_factor: float = 0.1              # "step": multiply at each boundary
-    decay_epochs: float = 2.4              # "exponential": every decay_epochs ...
-    decay_rate: float = 0.97               # ... multiply by decay_rate
+    epsilon: float = 1e-3                  # RMSProp epsilon of the EfficientNet recipe
     weight_decay: float = 1e-4             # wd * 0.5 * sum(w^2) over the weights of ...
     # ... weight_decay_scope: "kernels", the convolution and dense kernels only (the SAT
     # release's ResNet, tensorpack's ".*/W": no biases, no SmoothReLU beta); "non_bn", every
     # trainable weight outside batch normalization (the TPU EfficientNet code).
     weight_decay_scope: str = "non_bn"
-    label_smoothing: float = 0.1
-    ema_decay: float | None = None         # e.g. 0.9999; None: no EMA
-    optimizer_backward: str | None = None  # Table 1: the optimizer's backward rule (None: natural)
-    steps_per_loop: int = 100
+
+    def validate(self) -> None:
+        _choice("optimizer", self.name, OPTIMIZERS)
+        _fraction("momentum", self.momentum)
+        if not 0.0 <= self.rmsprop_decay < 1.0:
+            raise UserError(f"Invalid rmsprop_decay {self.rmsprop_decay!r}; it must be in [0, 1).")
+        _positive("optimizer epsilon", self.epsilon)
+        _positive("weight_decay", self.weight_decay, allow_zero=True)
+        _choice("weight_decay_scope", self.weight_decay_scope, WEIGHT_DECAY_SCOPES)
+
+
+@dataclass
+class ScheduleConfig:
+    """The learning rate over training: a linear warm-up, then the named schedule."""
+
+    name: str = "step"                     # LR_SCHEDULES
+    base_learning_rate: float = 0.1        # per 256 images; scaled by global_batch_size / 256
+    warmup_epochs: float = 5.0
+    decay_boundaries: tuple[float, ...] = (30.0, 60.0, 90.0)  # epochs, for "step"
+    decay_factor: float = 0.1              # "step": multiply at each boundary
+    decay_epochs: float = 2.4              # "exponential": every decay_epochs ...
+    decay_rate: float = 0.97               # ... multiply by decay_rate
+
+    def validate(self) -> None:
+        _choice("learning-rate schedule", self.name, LR_SCHEDULES)
+        _positive("base learning rate", self.base_learning_rate)
+        _positive("warmup_epochs", self.warmup_epochs, allow_zero=True)
+        if list(self.decay_boundaries) != sorted(self.decay_boundaries) or any(
+                b <= 0 for b in self.decay_boundaries):
+            raise UserError(f"Invalid decay_boundaries {tuple(self.decay_boundaries)!r}; they "
+                            "must be positive epochs in increasing order.")
+        _positive("decay_factor", self.decay_factor)
+        _positive("decay_epochs", self.decay_epochs)
+        _positive("decay_rate", self.decay_rate)
+
+
+@dataclass
+class LoopConfig:
+    """The cadence of the training loop: host round trips, checkpoints, logs and summaries,
+    periodic evaluation, and how a resumed run positions its input."""
+
+    steps_per_loop: int = 100              # the TPU code's iterations_per_loop
     checkpoint_every_steps: int = 1000
     max_checkpoints_to_keep: int = 5
     summary_every_steps: int = 100
+    summary_images: int = 3                # adversarial examples written to TensorBoard
     eval_every_steps: int | None = None    # None: evaluate only at the end
     eval_steps: int | None = None          # None: the whole validation split
     eval_batch_size: int | None = None     # periodic evaluation; None: global_batch_size
-    seed: int = 0
-    # How a resumed run positions its input: "restart" begins the input pipeline afresh (cheap;
-    # what TPUEstimator and Keras fit do); "skip" replays and discards the batches consumed before
-    # the checkpoint, so a resumed run sees exactly the batches an uninterrupted one would (with
-    # op determinism: bitwise-identical weights). "skip" costs the input time of those batches.
+    # "restart" begins the input pipeline afresh (cheap; what TPUEstimator and Keras fit do);
+    # "skip" replays and discards the batches consumed before the checkpoint, so a resumed run
+    # sees exactly the batches an uninterrupted one would (with op determinism:
+    # bitwise-identical weights), at the input time of those batches.
     resume_input: str = "restart"
-    summary_images: int = 3                # adversarial examples written to TensorBoard
 
     def validate(self) -> None:
-        _positive("global batch size", self.global_batch_size)
-        if self.train_steps is None and self.train_epochs is None:
-            raise ValueError("Set one of train_epochs or train_steps.")
-        if self.train_steps is not None:
-            _positive("train_steps", self.train_steps)
-        if self.train_epochs is not None:
-            _positive("train_epochs", self.train_epochs)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("learning-rate schedule", self.lr_schedule, LR_SCHEDULES)
-        _positive("base learning rate", self.base_learning_rate)
-        _positive("warmup_epochs", self.warmup_epochs, allow_zero=True)
-        _positive("weight_decay", self.weight_decay, allow_zero=True)
-        _choice("weight_decay_scope", self.weight_decay_scope, WEIGHT_DECAY_SCOPES)
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"Invalid label_smoothing {self.label_smoothing!r}; it must be in [0, 1).")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"Invalid ema_decay {self.ema_decay!r}; it must be in (0, 1).")
         _positive("steps_per_loop", self.steps_per_loop)
         _positive("checkpoint_every_steps", self.checkpoint_every_steps)
+        _positive("max_checkpoints_to_keep", self.max_checkpoints_to_keep)
         _positive("summary_every_steps", self.summary_every_steps)
+        _positive("summary_images", self.summary_images, allow_zero=True)
         if self.eval_every_steps is not None:
             _positive("eval_every_steps", self.eval_every_steps)
         if self.eval_steps is not None:
             _positive("eval_steps", self.eval_steps)
         if self.eval_batch_size is not None:
             _positive("eval batch size", self.eval_batch_size)
-        if self.num_train_examples is not None:
-            _positive("num_train_examples", self.num_train_examples)
-        _fraction("momentum", self.momentum)
-        _seed("seed", self.seed)
-        if not 0.0 <= self.rmsprop_decay < 1.0:
-            raise ValueError(f"Invalid rmsprop_decay {self.rmsprop_decay!r}; it must be in [0, 1).")
-        _positive("optimizer epsilon", self.optimizer_epsilon)
-        if list(self.decay_boundaries) != sorted(self.decay_boundaries) or any(
-                b <= 0 for b in self.decay_boundaries):
-            raise ValueError(f"Invalid decay_boundaries {tuple(self.decay_boundaries)!r}; they must "
-                             "be positive epochs in increasing order.")
-        _positive("decay_factor", self.decay_factor)
-        _positive("decay_epochs", self.decay_epochs)
-        _positive("decay_rate", self.decay_rate)
-        _positive("max_checkpoints_to_keep", self.max_checkpoints_to_keep)
         _choice("resume_input", self.resume_input, RESUME_INPUT)
-        _positive("summary_images", self.summary_images, allow_zero=True)
-        names.backward_rule(self.optimizer_backward)
 
 
 @dataclass
@@ -322,22 +342,22 @@ class RuntimeConfig:
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("mixed precision policy", self.mixed_precision, MIXED_PRECISION)
         if self.tpu and self.mixed_precision == "mixed_float16":
-            raise ValueError("Invalid mixed precision policy 'mixed_float16' with a TPU (TPUs "
+            raise UserError("Invalid mixed precision policy 'mixed_float16' with a TPU (TPUs "
                              "compute in bfloat16); valid choices: auto, mixed_bfloat16, none.")
         if self.strategy == "tpu" and not self.tpu:
-            raise ValueError("strategy 'tpu' needs a TPU name, address or 'local'.")
+            raise UserError("strategy 'tpu' needs a TPU name, address or 'local'.")
         if self.num_gpus is not None:
             _positive("num_gpus", self.num_gpus, allow_zero=True)
         if self.logical_cpus is not None:
             _positive("logical_cpus", self.logical_cpus)
         if self.devices is not None and self.num_gpus is not None:
-            raise ValueError("Give either devices or num_gpus, not both.")
+            raise UserError("Give either devices or num_gpus, not both.")
         for what in ("devices", "num_gpus"):
             if getattr(self, what) is not None and self.strategy not in ("mirrored", "one_device"):
-                raise ValueError(f"{what}={getattr(self, what)!r} applies to strategy 'mirrored' "
+                raise UserError(f"{what}={getattr(self, what)!r} applies to strategy 'mirrored' "
                                  f"or 'one_device', not {self.strategy!r}.")
         if self.tpu and self.strategy not in ("default", "tpu"):
-            raise ValueError(f"tpu={self.tpu!r} needs strategy 'tpu' (or 'default'), not "
+            raise UserError(f"tpu={self.tpu!r} needs strategy 'tpu' (or 'default'), not "
                              f"{self.strategy!r}.")
         _positive("peer_timeout_seconds", self.peer_timeout_seconds)
 
@@ -360,17 +380,17 @@ class EvalConfig:
 
     def validate(self) -> None:
         if not self.attack_steps:
-            raise ValueError("Invalid attack steps (); give at least one step count.")
+            raise UserError("Invalid attack steps (); give at least one step count.")
         for s in self.attack_steps:
             _positive("attack steps", s, allow_zero=True)
         if not self.attack_epsilons:
-            raise ValueError("Invalid attack epsilons (); give at least one epsilon.")
+            raise UserError("Invalid attack epsilons (); give at least one epsilon.")
         for e in self.attack_epsilons:
             _positive("attack epsilon", e, allow_zero=True)
         _positive("attack step size", self.attack_step_size, allow_zero=True)
         _positive("attack restarts", self.attack_restarts)
         if not self.attack_modes:
-            raise ValueError(f"Invalid attack modes (); valid choices: {', '.join(ATTACK_MODES)}.")
+            raise UserError(f"Invalid attack modes (); valid choices: {', '.join(ATTACK_MODES)}.")
         for m in self.attack_modes:
             _choice("attack mode", m, ATTACK_MODES)
         if self.global_batch_size is not None:
@@ -393,6 +413,9 @@ class Experiment:
         default_factory=lambda: AttackConfig(
             epsilon=4.0, step_size=1.0, num_steps=10, random_start=True, clean_start_prob=0.0))
     train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     model_dir: str | None = None
@@ -400,9 +423,8 @@ class Experiment:
     paper: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> "Experiment":
-        for section in (self.model, self.data, self.train_attack, self.eval_attack,
-                        self.train, self.runtime, self.evaluation):
-            section.validate()
+        for name in _SECTION_TYPES:
+            getattr(self, name).validate()
         self._check_remote_tpu_paths()
         return self
 
@@ -415,13 +437,13 @@ class Experiment:
         if not tpu or tpu == "local":
             return
         if self.model_dir and not self.model_dir.startswith("gs://"):
-            raise ValueError(
+            raise UserError(
                 f"Invalid model_dir {self.model_dir!r} for TPU {tpu!r}: the TPU hosts write "
                 "the checkpoints, so it must be a gs:// path (local paths only with tpu "
                 "'local', on a single TPU VM).")
         if self.data.dataset != "synthetic" and not (self.data.data_dir or "").startswith(
                 "gs://"):
-            raise ValueError(
+            raise UserError(
                 f"Invalid data_dir {self.data.data_dir!r} for TPU {tpu!r}: the TPU hosts read "
                 "the data (and TFDS prepares it there), so it must be a gs:// path (local paths "
                 "only with tpu 'local', on a single TPU VM).")
@@ -438,6 +460,9 @@ class Experiment:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Experiment":
+        """The experiment a :meth:`to_dict` dictionary describes, also one written by an
+        earlier version (:func:`_upgrade`: experiment.json of older runs, export metadata)."""
+        d = _upgrade(d)
         kwargs = {}
         for f in dataclasses.fields(cls):
             if f.name not in d:
@@ -452,16 +477,53 @@ class Experiment:
 
 _SECTION_TYPES = {
     "model": ModelConfig, "data": DataConfig, "train_attack": AttackConfig,
-    "eval_attack": AttackConfig, "train": TrainConfig, "runtime": RuntimeConfig,
+    "eval_attack": AttackConfig, "train": TrainConfig, "optimizer": OptimizerConfig,
+    "schedule": ScheduleConfig, "loop": LoopConfig, "runtime": RuntimeConfig,
     "evaluation": EvalConfig,
 }
+
+# Fields that moved, as (old dotted path, new dotted path): before issue 11 the train section
+# also held the optimizer, the schedule and the loop's cadence.
+MOVED = (
+    ("train.optimizer", "optimizer.name"), ("train.momentum", "optimizer.momentum"),
+    ("train.rmsprop_decay", "optimizer.rmsprop_decay"),
+    ("train.optimizer_epsilon", "optimizer.epsilon"),
+    ("train.weight_decay", "optimizer.weight_decay"),
+    ("train.weight_decay_scope", "optimizer.weight_decay_scope"),
+    ("train.lr_schedule", "schedule.name"),
+    ("train.base_learning_rate", "schedule.base_learning_rate"),
+    ("train.warmup_epochs", "schedule.warmup_epochs"),
+    ("train.decay_boundaries", "schedule.decay_boundaries"),
+    ("train.decay_factor", "schedule.decay_factor"),
+    ("train.decay_epochs", "schedule.decay_epochs"),
+    ("train.decay_rate", "schedule.decay_rate"),
+    ("train.steps_per_loop", "loop.steps_per_loop"),
+    ("train.checkpoint_every_steps", "loop.checkpoint_every_steps"),
+    ("train.max_checkpoints_to_keep", "loop.max_checkpoints_to_keep"),
+    ("train.summary_every_steps", "loop.summary_every_steps"),
+    ("train.summary_images", "loop.summary_images"),
+    ("train.eval_every_steps", "loop.eval_every_steps"),
+    ("train.eval_steps", "loop.eval_steps"),
+    ("train.eval_batch_size", "loop.eval_batch_size"),
+    ("train.resume_input", "loop.resume_input"),
+)
+
+
+def _upgrade(d: dict) -> dict:
+    """``d`` in today's layout: fields of :data:`MOVED` go to their new place."""
+    d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+    for old, new in MOVED:
+        (old_section, old_name), (new_section, new_name) = old.split("."), new.split(".")
+        if isinstance(d.get(old_section), dict) and old_name in d[old_section]:
+            d.setdefault(new_section, {})[new_name] = d[old_section].pop(old_name)
+    return d
 
 
 def _section_from_dict(cls, d: dict):
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(names))
     if unknown:
-        raise ValueError(f"Unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(names)}.")
+        raise UserError(f"Unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(names)}.")
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
     return cls(**kwargs)
 
@@ -474,8 +536,69 @@ def set_field(exp: Experiment, path: str, value) -> None:
         names = [f.name for f in dataclasses.fields(obj)]
         if part not in names:
             where = ".".join(parts[:i]) or "Experiment"
-            raise ValueError(f"Unknown config field {path!r}: {where} has {', '.join(names)}.")
+            raise UserError(f"Unknown config field {path!r}: {where} has {', '.join(names)}.")
         if i == len(parts) - 1:
             setattr(obj, part, value)
         else:
             obj = getattr(obj, part)
+
+
+def field_type(path: str) -> str:
+    """The type annotation of the field at dotted ``path`` (e.g. ``"float | None"``)."""
+    obj = Experiment
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(obj)}
+        if part not in fields:
+            where = ".".join(parts[:i]) or "Experiment"
+            raise UserError(f"Unknown config field {path!r}: {where} has "
+                            f"{', '.join(fields)}.")
+        annotation = fields[part].type
+        if i < len(parts) - 1:
+            obj = _SECTION_TYPES.get(part)
+            if obj is None:
+                raise UserError(f"Unknown config field {path!r}: {part} has no fields.")
+    return annotation
+
+
+def parse_value(path: str, text: str):
+    """``text`` read as the type of the field at ``path``: ``none`` for an optional field,
+    ``true``/``false`` for booleans, comma-separated items for tuples."""
+    annotation = field_type(path)
+    kinds = [k.strip() for k in annotation.split("|")]
+    if "None" in kinds and text.strip().lower() in ("none", "null", ""):
+        return None
+    kind = next(k for k in kinds if k != "None")
+    try:
+        if kind.startswith("tuple["):
+            item = kind[len("tuple["):].split(",")[0].strip()
+            return tuple(_scalar(item, t) for t in text.split(",") if t.strip())
+        return _scalar(kind, text)
+    except ValueError:
+        raise UserError(f"Invalid value {text!r} for {path}; it must be of type "
+                        f"{annotation}.") from None
+
+
+def _scalar(kind: str, text: str):
+    text = text.strip()
+    if kind == "bool":
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(text)
+    if kind == "int":
+        return int(text)
+    if kind == "float":
+        return float(text)
+    return text
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"section.field=value"`` -> (path, value of the field's type)."""
+    path, sep, value = text.partition("=")
+    if not sep or not path.strip():
+        raise UserError(f"Invalid override {text!r}; write section.field=value, e.g. "
+                        "optimizer.momentum=0.95.")
+    path = path.strip()
+    return path, parse_value(path, value)

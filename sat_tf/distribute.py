@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from sat_tf import install
 from sat_tf.config import RuntimeConfig
+from sat_tf.errors import UserError
 
 
 def split_cpu(n: int) -> None:
@@ -184,7 +185,7 @@ def per_replica_batch_size(global_batch_size: int, strategy: tf.distribute.Strat
     """``global_batch_size / replicas``; a one-line ValueError when it does not divide."""
     n = strategy.num_replicas_in_sync
     if global_batch_size % n:
-        raise ValueError(
+        raise UserError(
             f"The {what} {global_batch_size} is not divisible by the {n} replicas of "
             f"{type(strategy).__name__}; use a multiple of {n}.")
     return global_batch_size // n

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Callable
 
 from sat_tf import recipes
-from sat_tf.config import (AttackConfig, DataConfig, EvalConfig, Experiment, ModelConfig,
-                           TrainConfig)
+from sat_tf.config import (AttackConfig, DataConfig, EvalConfig, Experiment, LoopConfig,
+                           ModelConfig)
 
 _REGISTRY: dict[str, Callable[[], Experiment]] = {}
 
@@ -51,7 +51,8 @@ def _synthetic_smoke() -> Experiment:
         data=DataConfig(dataset="synthetic"),
         train_attack=AttackConfig(epsilon=8.0, step_size=8.0, num_steps=1),
         eval_attack=AttackConfig(epsilon=8.0, step_size=2.0, num_steps=10, clean_start_prob=0.0),
-        train=recipes.cifar(global_batch_size=32, train_steps=20, steps_per_loop=5),
+        **recipes.cifar(global_batch_size=32, train_steps=20).sections(),
+        loop=LoopConfig(steps_per_loop=5),
         evaluation=EvalConfig(attack_steps=(10,), attack_epsilons=(8.0,), attack_step_size=2.0,
                               global_batch_size=64),
     )
@@ -76,9 +77,9 @@ def _digits(activation: str) -> Experiment:
                                   num_steps=3, random_start=True, clean_start_prob=0.0),
         eval_attack=AttackConfig(epsilon=DIGITS_EPSILON, step_size=DIGITS_EPSILON / 4,
                                  num_steps=10, random_start=True, clean_start_prob=0.0),
-        train=recipes.cifar(global_batch_size=64, train_epochs=15, lr_schedule="cosine",
-                            warmup_epochs=1.0, steps_per_loop=25, summary_every_steps=100,
-                            checkpoint_every_steps=200),
+        **recipes.cifar(global_batch_size=64, train_epochs=15, lr_schedule="cosine",
+                        warmup_epochs=1.0).sections(),
+        loop=LoopConfig(steps_per_loop=25, summary_every_steps=100, checkpoint_every_steps=200),
         evaluation=EvalConfig(attack_steps=(10, 50), attack_epsilons=(DIGITS_EPSILON,),
                               attack_step_size=DIGITS_EPSILON / 4, sanity_epsilon=128.0),
         paper={"source": None, "clean": None, "robust": None, "robust_attack": None,
@@ -137,7 +138,7 @@ def _paper(source: str, clean=None, robust=None, robust_attack: str | None = _IM
             "robust_attack": robust_attack if robust is not None else None, **extra}
 
 
-def _imagenet(description: str, model: ModelConfig, train, paper: dict,
+def _imagenet(description: str, model: ModelConfig, recipe: recipes.Recipe, paper: dict,
               train_backward: str | None = None) -> Experiment:
     """An ImageNet experiment under the paper's attack protocol."""
     return Experiment(
@@ -148,7 +149,7 @@ def _imagenet(description: str, model: ModelConfig, train, paper: dict,
                                   clean_start_prob=0.2, backward=train_backward),
         eval_attack=AttackConfig(epsilon=4.0, step_size=1.0, num_steps=10, random_start=True,
                                  clean_start_prob=0.0),
-        train=train,
+        **recipe.sections(),
         evaluation=EvalConfig(attack_steps=(10, 20, 50), attack_epsilons=(4.0,),
                               attack_step_size=1.0),
         paper=paper,
@@ -166,7 +167,7 @@ def _cifar10(description: str, model: ModelConfig) -> Experiment:
                                   clean_start_prob=0.0),
         eval_attack=AttackConfig(epsilon=8.0, step_size=2.0, num_steps=20, random_start=True,
                                  clean_start_prob=0.0),
-        train=recipes.cifar(),
+        **recipes.cifar().sections(),
         evaluation=EvalConfig(attack_steps=(20,), attack_epsilons=(8.0,), attack_step_size=2.0),
         paper={"source": None, "clean": None, "robust": None, "robust_attack": None,
                "protocol": "cifar10 (ours: eps 8, PGD-10 step 2 training, PGD-20 step 2 "

@@ -35,6 +35,7 @@ import tensorflow as tf
 from sat_tf import data as data_lib
 from sat_tf.config import Experiment
 from sat_tf.ema import ExponentialMovingAverage
+from sat_tf.errors import UserError
 
 EXPERIMENT_FILE = "experiment.json"
 CHECKPOINT_PREFIX = "ckpt"
@@ -45,10 +46,7 @@ REMOTE_LOCK_STALE_SECONDS = 15 * 60
 # Dotted config paths (or prefixes ending in ".") that may differ when a run is resumed.
 MAY_CHANGE = (
     "name", "description", "paper", "model_dir", "runtime.", "eval_attack.", "evaluation.",
-    "train.train_steps", "train.train_epochs", "train.steps_per_loop",
-    "train.checkpoint_every_steps", "train.max_checkpoints_to_keep",
-    "train.summary_every_steps", "train.eval_every_steps", "train.eval_steps",
-    "train.eval_batch_size", "train.summary_images", "train.resume_input",
+    "loop.", "train.train_steps", "train.train_epochs",
     "data.data_dir", "data.manual_dir", "data.num_parallel_reads", "data.skip_corrupt",
     "data.cache_eval", "data.shuffle_buffer",
 )
@@ -61,7 +59,7 @@ RECORDED_LATER = (
 )
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError):
     """The run directory cannot be used as asked (busy, another run, unreadable)."""
 
 
@@ -314,12 +312,12 @@ def model_shape(exp: Experiment) -> tuple[int, int]:
     info = data_lib.info(exp.data)
     num_classes = exp.model.num_classes or info.num_classes
     if num_classes is None:
-        raise ValueError(f"The class count of dataset {exp.data.dataset!r} in "
+        raise UserError(f"The class count of dataset {exp.data.dataset!r} in "
                          f"{exp.data.data_dir!r} is unknown (no conversion.json from "
                          "run/make_tfrecords.py beside the shards); give --num_classes.")
     if info.num_classes is not None and num_classes < info.num_classes:
         where = f" ({info.metadata})" if info.metadata else ""
-        raise ValueError(f"num_classes {num_classes} is smaller than the {info.num_classes} "
+        raise UserError(f"num_classes {num_classes} is smaller than the {info.num_classes} "
                          f"classes of dataset {exp.data.dataset!r}{where}.")
     image_size = exp.model.image_size or info.image_size
     if image_size is None:
@@ -382,7 +380,7 @@ def load_run(model_dir: str, *, checkpoint: str | None = None, use_ema: bool = T
     newest readable one (damaged newer ones are skipped, each named through ``log``)."""
     exp = read_experiment(model_dir)
     if exp is None:
-        raise ValueError(f"{model_dir!r} holds no {EXPERIMENT_FILE}; is it a training model_dir?")
+        raise UserError(f"{model_dir!r} holds no {EXPERIMENT_FILE}; is it a training model_dir?")
     model = build_model(exp, model_fn)
     step = tf.Variable(0, dtype=tf.int64, trainable=False)
     objects = dict(model=model, step=step)
@@ -403,7 +401,7 @@ def load_run(model_dir: str, *, checkpoint: str | None = None, use_ema: bool = T
         if restored.path is None:
             detail = f" that can be read ({'; '.join(restored.skipped)})" if (
                 restored.skipped) else ""
-            raise ValueError(f"{model_dir!r} holds no checkpoint{detail}.")
+            raise UserError(f"{model_dir!r} holds no checkpoint{detail}.")
         path = restored.path
     if ema is not None:
         ema.copy_to_model()

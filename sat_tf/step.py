@@ -9,7 +9,7 @@ Per replica, under ``strategy.run``:
    ``activations.backward_rule(TrainConfig.optimizer_backward)`` (Table 1's optimizer arm);
 3. loss = label-smoothed cross-entropy summed over the replica's examples / global batch
    + ``weight_decay * 0.5 * sum(w^2)`` / replicas, over the weights
-   ``TrainConfig.weight_decay_scope`` selects by layer type
+   ``OptimizerConfig.weight_decay_scope`` selects by layer type
    (:func:`sat_tf.model_weights.decayed_weights`);
 4. gradients (summed over replicas by the optimizer) -> optimizer; the batch-norm moving
    statistics are averaged over replicas (Keras 3 lets each replica keep its own copy);
@@ -57,13 +57,14 @@ class TrainStep:
                  jit_compile: bool = False, loss_scaling: bool = False):
         self.model, self.optimizer, self.ema = model, optimizer, ema
         self.train_cfg = experiment.train
+        self.optimizer_cfg = experiment.optimizer
         self.train_attack = experiment.train_attack
         self.num_classes = num_classes
         self.num_replicas = num_replicas
         self.global_batch_size = experiment.train.global_batch_size
         self.example_images = example_images
         self._loss_scaling = loss_scaling
-        self._decayed = decayed_weights(model, experiment.train.weight_decay_scope)
+        self._decayed = decayed_weights(model, experiment.optimizer.weight_decay_scope)
         self._bn_statistics = batch_norm_statistics(model)
         self.rng_states = random_generator_states(model)
         self.forward_backward = tf.function(self._forward_backward,
@@ -93,7 +94,7 @@ class TrainStep:
                 logits = tf.cast(self.model(inputs, training=True), tf.float32)
             per_example = tf.nn.softmax_cross_entropy_with_logits(targets, logits)
             loss = (tf.reduce_sum(per_example) / self.global_batch_size
-                    + self.train_cfg.weight_decay * l2_loss(self._decayed) / self.num_replicas)
+                    + self.optimizer_cfg.weight_decay * l2_loss(self._decayed) / self.num_replicas)
             scaled = self.optimizer.scale_loss(loss) if self._loss_scaling else loss
         return loss, logits, tape.gradient(scaled, self.model.trainable_variables)
 

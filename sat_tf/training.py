@@ -29,6 +29,7 @@ from sat_tf import distribute, memory, optimizers, rundir, schedules, summaries
 from sat_tf import data as data_lib
 from sat_tf.config import Experiment
 from sat_tf.ema import ExponentialMovingAverage
+from sat_tf.errors import UserError
 from sat_tf.step import LOGS, TrainStep
 
 
@@ -57,9 +58,10 @@ class Trainer:
                  model_fn: Callable | None = None, log: Callable[[str], None] = print):
         experiment.validate()
         if not experiment.model_dir:
-            raise ValueError("The experiment has no model_dir (where checkpoints go).")
+            raise UserError("The experiment has no model_dir (where checkpoints go).")
         self.experiment = exp = rundir.resolve_experiment(experiment)
         self.train_cfg = exp.train
+        self.loop_cfg = exp.loop
         self.log = log
         if strategy is None:
             strategy = distribute.strategy_from_config(exp.runtime, seed=exp.train.seed)
@@ -70,13 +72,13 @@ class Trainer:
         self.global_batch_size = exp.train.global_batch_size
         self.per_replica_batch_size = distribute.per_replica_batch_size(
             self.global_batch_size, self.strategy)
-        self.eval_batch_size = exp.train.eval_batch_size or self.global_batch_size
+        self.eval_batch_size = exp.loop.eval_batch_size or self.global_batch_size
         self.per_replica_eval_batch_size = distribute.per_replica_batch_size(
             self.eval_batch_size, self.strategy, what="eval batch size")
         self.num_classes, self.image_size = rundir.model_shape(exp)
         num_examples = exp.train.num_train_examples or exp.data.num_train_examples
         if num_examples is None:
-            raise ValueError(f"The training-set size of dataset {exp.data.dataset!r} in "
+            raise UserError(f"The training-set size of dataset {exp.data.dataset!r} in "
                              f"{exp.data.data_dir!r} is unknown (no conversion.json from "
                              "run/make_tfrecords.py beside the shards); give "
                              "--num_train_images.")
@@ -93,10 +95,11 @@ class Trainer:
         keras.utils.set_random_seed(exp.train.seed)
         with self.strategy.scope():
             self.model = rundir.build_model(exp, model_fn)
-            self.schedule = schedules.Schedule(exp.train, steps_per_epoch=self.steps_per_epoch,
-                                               total_steps=self.total_steps)
+            self.schedule = schedules.Schedule(
+                exp.schedule, global_batch_size=self.global_batch_size,
+                steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
             self.optimizer = optimizers.build_optimizer(
-                exp.train, self.schedule, mixed_precision=exp.runtime.precision_policy())
+                exp.optimizer, self.schedule, mixed_precision=exp.runtime.precision_policy())
             self.optimizer.build(self.model.trainable_variables)
             self.ema = (ExponentialMovingAverage(self.model, exp.train.ema_decay)
                         if exp.train.ema_decay else None)
@@ -108,7 +111,7 @@ class Trainer:
                 k: tf.Variable(0.0, trainable=False, name=f"metric_{k}",
                                synchronization=tf.VariableSynchronization.ON_READ,
                                aggregation=tf.VariableAggregation.SUM) for k in LOGS}
-            k = min(exp.train.summary_images, self.per_replica_batch_size)
+            k = min(exp.loop.summary_images, self.per_replica_batch_size)
             self._example_images = tf.Variable(
                 tf.zeros([k, self.image_size, 2 * self.image_size, 3]), trainable=False,
                 name="example_images", synchronization=tf.VariableSynchronization.ON_READ,
@@ -143,7 +146,7 @@ class Trainer:
     def memory_estimate(self):
         """:func:`sat_tf.memory.estimate` of one replica of this run."""
         exp = self.experiment
-        slots = {"sgd_nesterov": 1, "sgd": 1, "rmsprop": 2, "adam": 2}[exp.train.optimizer]
+        slots = optimizers.slots(exp.optimizer.name)
         return memory.estimate(
             exp.model.name, image_size=self.image_size, stem=exp.model.stem,
             num_classes=self.num_classes, per_replica_batch=self.per_replica_batch_size,
@@ -188,7 +191,7 @@ class Trainer:
         if self.is_chief:
             return tf.train.CheckpointManager(
                 self.checkpoint, self.model_dir,
-                max_to_keep=self.train_cfg.max_checkpoints_to_keep,
+                max_to_keep=self.loop_cfg.max_checkpoints_to_keep,
                 checkpoint_name=rundir.CHECKPOINT_PREFIX)
         return tf.train.CheckpointManager(
             self.checkpoint, os.path.join(self.model_dir, f".worker-{self._worker}"),
@@ -238,7 +241,7 @@ class Trainer:
     # -- input -------------------------------------------------------------------------------
 
     def _train_dataset(self, start_step: int):
-        skip = start_step if self.train_cfg.resume_input == "skip" else 0
+        skip = start_step if self.loop_cfg.resume_input == "skip" else 0
 
         def dataset_fn(ctx: tf.distribute.InputContext):
             ds = data_lib.build_dataset(
@@ -330,7 +333,7 @@ class Trainer:
         return float(self.schedule(step))
 
     def _next_stop(self, step: int, end: int) -> int:
-        t = self.train_cfg
+        t = self.loop_cfg
         every = [t.steps_per_loop, t.checkpoint_every_steps, t.summary_every_steps]
         if t.eval_every_steps:
             every.append(t.eval_every_steps)
@@ -364,7 +367,7 @@ class Trainer:
         step = int(self.step.numpy())
         self._stop_signal = None
         self._stop_flag.assign(False)
-        t = self.train_cfg
+        t = self.loop_cfg
         self.log(f"Training {self.experiment.model.name} ({self.experiment.model.activation}) on "
                  f"{self.experiment.data.dataset}: {self.total_steps} steps of "
                  f"{self.global_batch_size} images over {self.num_replicas} replica(s) "
@@ -487,7 +490,7 @@ class Trainer:
             self._eval_data = self._eval_dataset()
         swap = self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
         with swap:
-            result = self._evaluator(self._eval_data, max_batches=self.train_cfg.eval_steps,
+            result = self._evaluator(self._eval_data, max_batches=self.loop_cfg.eval_steps,
                                      should_stop=should_stop)
         if result is None:
             self.log(f"eval at step {step}: abandoned (stop requested).")

@@ -5,7 +5,9 @@ import sys
 import pytest
 
 from sat_tf import experiments, names
-from sat_tf.config import AttackConfig, Experiment
+from sat_tf.config import (MOVED, AttackConfig, Experiment, LoopConfig, OptimizerConfig,
+                           ScheduleConfig, parse_override)
+from sat_tf.errors import UserError
 
 
 @pytest.mark.parametrize("path,value,words", [
@@ -16,7 +18,7 @@ from sat_tf.config import AttackConfig, Experiment
     ("train.global_batch_size", 0, ["0", "> 0"]),
     ("train.optimizer_backward", "tanh", ["'tanh'", "parametric_softplus"]),
     ("runtime.strategy", "horovod", ["'horovod'", "mirrored", "tpu"]),
-    ("train.lr_schedule", "poly", ["'poly'", "cosine"]),
+    ("schedule.name", "poly", ["'poly'", "cosine"]),
 ])
 def test_bad_values_give_one_line_errors_naming_value_and_choices(path, value, words):
     exp = experiments.get("synthetic-smoke").replace(**{path: value})
@@ -76,7 +78,7 @@ def test_config_and_presets_import_without_tensorflow():
 
 @pytest.mark.parametrize("path,value,words", [
     ("train.train_epochs", float("inf"), ["train_epochs inf", "finite number > 0"]),
-    ("train.warmup_epochs", float("inf"), ["warmup_epochs inf", "finite"]),
+    ("schedule.warmup_epochs", float("inf"), ["warmup_epochs inf", "finite"]),
     ("train.train_epochs", float("nan"), ["train_epochs nan", "> 0"]),
     ("train_attack.epsilon", float("inf"), ["attack epsilon inf", "finite number >= 0"]),
     ("evaluation.attack_steps", (10, 2**70), [str(2**70), "at most 2147483647"]),
@@ -85,8 +87,8 @@ def test_config_and_presets_import_without_tensorflow():
     ("train.seed", 2**40, ["seed", "[0, 4294967295]"]),
     ("data.seed", -3, ["data seed -3"]),
     ("evaluation.seed", -1, ["evaluation seed -1"]),
-    ("train.momentum", 5.0, ["momentum 5.0", "[0, 1)"]),
-    ("train.momentum", -0.1, ["momentum -0.1"]),
+    ("optimizer.momentum", 5.0, ["momentum 5.0", "[0, 1)"]),
+    ("optimizer.momentum", -0.1, ["momentum -0.1"]),
 ])
 def test_meaningless_numbers_are_refused_naming_the_field(path, value, words):
     exp = experiments.get("synthetic-smoke").replace(**{path: value})
@@ -96,3 +98,61 @@ def test_meaningless_numbers_are_refused_naming_the_field(path, value, words):
     assert "\n" not in msg
     for w in words:
         assert w in msg, msg
+
+
+def test_an_experiment_json_of_the_old_layout_reads_into_the_new_sections():
+    """Before issue 11 the train section held the optimizer, schedule and loop fields."""
+    old = {"train": {"optimizer": "rmsprop", "momentum": 0.8, "rmsprop_decay": 0.95,
+                     "optimizer_epsilon": 0.01, "weight_decay": 3e-5,
+                     "weight_decay_scope": "kernels", "lr_schedule": "cosine",
+                     "base_learning_rate": 0.3, "warmup_epochs": 2.0,
+                     "decay_boundaries": [10.0, 20.0], "decay_factor": 0.5,
+                     "decay_epochs": 1.5, "decay_rate": 0.9, "steps_per_loop": 7,
+                     "checkpoint_every_steps": 70, "max_checkpoints_to_keep": 2,
+                     "summary_every_steps": 14, "summary_images": 1, "eval_every_steps": 35,
+                     "eval_steps": 3, "eval_batch_size": 32, "resume_input": "skip",
+                     "global_batch_size": 64, "seed": 9, "ema_decay": 0.99}}
+    exp = Experiment.from_dict(old)
+    assert exp.optimizer == OptimizerConfig(name="rmsprop", momentum=0.8, rmsprop_decay=0.95,
+                                            epsilon=0.01, weight_decay=3e-5,
+                                            weight_decay_scope="kernels")
+    assert exp.schedule == ScheduleConfig(name="cosine", base_learning_rate=0.3,
+                                          warmup_epochs=2.0, decay_boundaries=(10.0, 20.0),
+                                          decay_factor=0.5, decay_epochs=1.5, decay_rate=0.9)
+    assert exp.loop == LoopConfig(steps_per_loop=7, checkpoint_every_steps=70,
+                                  max_checkpoints_to_keep=2, summary_every_steps=14,
+                                  summary_images=1, eval_every_steps=35, eval_steps=3,
+                                  eval_batch_size=32, resume_input="skip")
+    assert (exp.train.global_batch_size, exp.train.seed, exp.train.ema_decay) == (64, 9, 0.99)
+    # Every field that moved is covered, and lands on a field that exists.
+    moved = {old_path.split(".")[1] for old_path, _ in MOVED}
+    assert moved == set(old["train"]) - {"global_batch_size", "seed", "ema_decay"}
+    assert Experiment.from_dict(exp.to_dict()) == exp
+
+
+@pytest.mark.parametrize("text, path, value", [
+    ("optimizer.momentum=0.95", "optimizer.momentum", 0.95),
+    ("train.ema_decay=none", "train.ema_decay", None),
+    ("schedule.decay_boundaries=30,60,80", "schedule.decay_boundaries", (30.0, 60.0, 80.0)),
+    ("train.adversarial=false", "train.adversarial", False),
+    ("loop.eval_steps=5", "loop.eval_steps", 5),
+    ("model.name=wrn-28-10", "model.name", "wrn-28-10"),
+    ("evaluation.attack_modes=untargeted,targeted", "evaluation.attack_modes",
+     ("untargeted", "targeted")),
+])
+def test_dotted_overrides_are_read_as_their_fields_type(text, path, value):
+    assert parse_override(text) == (path, value)
+    assert Experiment().replace(**{path: value}).validate() is not None
+
+
+@pytest.mark.parametrize("text, words", [
+    ("optimizer.momentun=0.9", ["'optimizer.momentun'", "momentum"]),
+    ("train.seed=three", ["'three'", "train.seed", "int"]),
+    ("train.adversarial=maybe", ["'maybe'", "bool"]),
+    ("momentum", ["'momentum'", "section.field=value"]),
+    ("train.seed.x=1", ["'train.seed.x'"]),
+])
+def test_bad_overrides_name_the_path_and_what_it_takes(text, words):
+    with pytest.raises(UserError) as e:
+        parse_override(text)
+    assert all(w in str(e.value) for w in words) and "\n" not in str(e.value)

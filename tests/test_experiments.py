@@ -103,11 +103,11 @@ def test_imagenet_protocol():
         assert exp.evaluation.attack_epsilons == (4.0,) and exp.evaluation.attack_step_size == 1.0
         family, _ = names.model(exp.model.name)
         if family == "efficientnet":
-            assert exp.train.optimizer == "rmsprop" and exp.model.activation == "silu"
+            assert exp.optimizer.name == "rmsprop" and exp.model.activation == "silu"
             assert (exp.model.bn_momentum, exp.model.bn_epsilon) == (0.9, 1e-5)
             assert exp.train.ema_decay == (0.9999 if name.endswith("enhanced") else None)
         else:
-            assert exp.train.optimizer == "sgd_nesterov" and exp.train.base_learning_rate == 0.1
+            assert exp.optimizer.name == "sgd_nesterov" and exp.schedule.base_learning_rate == 0.1
 
 
 def test_table1_backward_rules():
@@ -353,6 +353,13 @@ def test_recipes_decay_what_the_release_decays():
     for name in experiments.names():
         exp = experiments.get(name)
         if exp.model.name.startswith("efficientnet"):
-            assert exp.train.weight_decay_scope == "non_bn", name
+            assert exp.optimizer.weight_decay_scope == "non_bn", name
         elif name.startswith("imagenet-"):
-            assert exp.train.weight_decay_scope == "kernels", name
+            assert exp.optimizer.weight_decay_scope == "kernels", name
+
+
+def test_every_model_family_has_a_default_recipe():
+    from sat_tf import families, recipes
+    assert set(recipes.BY_FAMILY) == set(families.FAMILIES)
+    assert recipes.for_model("efficientnet-b0").optimizer.name == "rmsprop"
+    assert recipes.for_model("wrn-28-10").optimizer.name == "sgd_nesterov"

@@ -90,7 +90,7 @@ def test_may_change_covers_only_what_a_resume_may_change():
     c.train_attack.epsilon = 2.0
     c.model.activation = "silu"
     paths = [d.split(" ")[0] for d in rundir.differences(a, c)]
-    assert paths == ["model.activation", "train.base_learning_rate", "train.label_smoothing",
+    assert paths == ["model.activation", "schedule.base_learning_rate", "train.label_smoothing",
                      "train_attack.epsilon"]
 
 

@@ -10,8 +10,8 @@ import pytest
 import tensorflow as tf
 
 from sat_tf import attacks, data, distribute, evaluation, training
-from sat_tf.config import (AttackConfig, DataConfig, EvalConfig, Experiment, ModelConfig,
-                           RuntimeConfig, TrainConfig)
+from sat_tf.config import (AttackConfig, DataConfig, EvalConfig, Experiment, LoopConfig,
+                           ModelConfig, RuntimeConfig, ScheduleConfig, TrainConfig)
 from sat_tf.data import convert, testing, tfrecord
 
 
@@ -23,19 +23,17 @@ def _float32_policy():
 
 # ---- XLA: the whole training and evaluation steps compile, over static shapes ----------------
 
-def _experiment(tmp_path, **train):
-    cfg = dict(global_batch_size=8, train_steps=2, steps_per_loop=1, summary_every_steps=1,
-               checkpoint_every_steps=100, ema_decay=0.99, lr_schedule="constant",
-               warmup_epochs=0.0)
-    cfg.update(train)
+def _experiment(tmp_path):
     return Experiment(
         model=ModelConfig(name="wrn-10-1", activation="silu", dropout_rate=0.3),
         data=DataConfig(dataset="synthetic", synthetic_image_size=16, synthetic_num_classes=4,
                         synthetic_train_examples=64, synthetic_eval_examples=16),
         train_attack=AttackConfig(epsilon=8.0, step_size=8.0, num_steps=1),
         eval_attack=AttackConfig(epsilon=8.0, step_size=4.0, num_steps=2, clean_start_prob=0.0),
-        train=TrainConfig(**cfg), runtime=RuntimeConfig(strategy="one_device"),
-        model_dir=str(tmp_path))
+        train=TrainConfig(global_batch_size=8, train_steps=2, ema_decay=0.99),
+        schedule=ScheduleConfig(name="constant", warmup_epochs=0.0),
+        loop=LoopConfig(steps_per_loop=1, summary_every_steps=1, checkpoint_every_steps=100),
+        runtime=RuntimeConfig(strategy="one_device"), model_dir=str(tmp_path))
 
 
 def test_whole_training_step_compiles_with_xla(tmp_path):

@@ -1,5 +1,6 @@
 """run/train.py as a user runs it: bad flags fail fast; a short mirrored run is preempted by
 SIGTERM, saves, and the same command resumes it."""
+import json
 import os
 import pathlib
 import re
@@ -49,6 +50,10 @@ def _without_tensorflow(tmp_path):
     (["--attack_epsilon=inf"], ["attack epsilon inf", "finite"]),
     (["--seed=-1"], ["seed -1"]),
     (["--momentum=5"], ["momentum 5.0", "[0, 1)"]),
+    (["--set=optimizer.momentun=0.9"], ["'optimizer.momentun'", "momentum"]),
+    (["--set=train.seed=x"], ["'x'", "train.seed", "int"]),
+    (["--set=optimizer.momentum=5"], ["momentum 5.0", "[0, 1)"]),
+    (["--set=momentum"], ["section.field=value"]),
     ("unwritable", ["cannot be created"]),
     ("no_model_dir", ["--model_dir is required"]),
 ])
@@ -72,12 +77,31 @@ def test_bad_flags_fail_fast_with_one_line_and_status_2(tmp_path, args, words):
     assert proc.stdout == ""
 
 
+def test_dotted_overrides_and_the_tpu_codes_flag_names_reach_the_run(tmp_path):
+    """--set reaches any field by its path; --iterations_per_loop and --moving_average_decay
+    are the TPU code's names of --steps_per_loop and --ema_decay."""
+    model_dir = tmp_path / "run"
+    proc, _ = _run(["--dataset=synthetic", "--model=wrn-10-1", "--train_batch_size=8",
+                    "--train_steps=2", "--iterations_per_loop=2", "--moving_average_decay=0.5",
+                    "--eval_steps=1", "--set=optimizer.momentum=0.95",
+                    "--set=data.synthetic_image_size=16", "--set=data.synthetic_eval_examples=8",
+                    "--set=schedule.decay_boundaries=1,2", "--set=train.label_smoothing=0",
+                    f"--model_dir={model_dir}"], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    stored = json.loads((model_dir / "experiment.json").read_text())
+    assert stored["optimizer"]["momentum"] == 0.95
+    assert stored["schedule"]["decay_boundaries"] == [1.0, 2.0]
+    assert stored["train"]["label_smoothing"] == 0.0 and stored["train"]["ema_decay"] == 0.5
+    assert stored["loop"]["steps_per_loop"] == 2 and stored["model"]["image_size"] == 16
+    assert "completed at step 2/2" in proc.stdout
+
+
 def test_help_explains_the_flags():
     proc, _ = _run(["--help"])
     for flag in ("--model:", "--activation:", "--attack_epsilon:", "--attacker_backward:",
                  "--optimizer_backward:", "--steps_per_loop:", "--logical_cpus:",
                  "--experiment:", "--tpu:", "jit_compile:", "--moving_average_decay:",
-                 "--iterations_per_loop:"):
+                 "--iterations_per_loop:", "--set:"):
         assert flag in proc.stdout, flag
 
 

@@ -1,5 +1,6 @@
 """The training engine on tiny models: distributed steps, resume, Table 1 wiring, EMA,
 weight decay by layer type, NaN and SIGTERM handling, load_model."""
+import dataclasses
 import json
 import os
 import signal
@@ -13,8 +14,8 @@ from tensorflow.python.framework import config as tf_config
 from sat_tf import activations, distribute, model_weights, rundir, training
 from sat_tf.ema import ExponentialMovingAverage
 from sat_tf.step import replica_random_streams
-from sat_tf.config import (AttackConfig, DataConfig, Experiment, ModelConfig, RuntimeConfig,
-                           TrainConfig)
+from sat_tf.config import (AttackConfig, DataConfig, Experiment, LoopConfig, ModelConfig,
+                           OptimizerConfig, RuntimeConfig, ScheduleConfig, TrainConfig)
 
 SIZE = 16
 CLASSES = 4
@@ -50,12 +51,21 @@ def no_bn_net(num_classes, image_size, activation="relu"):
     return keras.Model(inp, keras.layers.Dense(num_classes, name="fc")(x), name="no_bn")
 
 
-def experiment(model_dir, *, strategy="mirrored", devices=None, **train):
+# The section of each field the tests set by its plain name (the names are unique across the
+# train, optimizer, schedule and loop sections; "optimizer" and "lr_schedule" are the names).
+_PATHS = {"optimizer": "optimizer.name", "lr_schedule": "schedule.name",
+          **{f.name: f"{section}.{f.name}" for section, cls in
+             (("train", TrainConfig), ("optimizer", OptimizerConfig),
+              ("schedule", ScheduleConfig), ("loop", LoopConfig))
+             for f in dataclasses.fields(cls) if f.name != "name"}}
+
+
+def experiment(model_dir, *, strategy="mirrored", devices=None, **fields):
     cfg = dict(global_batch_size=16, train_steps=6, steps_per_loop=2, summary_every_steps=2,
                checkpoint_every_steps=100, eval_steps=2, base_learning_rate=0.4,
                lr_schedule="constant", warmup_epochs=0.0, label_smoothing=0.1,
                weight_decay=1e-3, optimizer="sgd_nesterov")
-    cfg.update(train)
+    cfg.update(fields)
     return Experiment(
         model=ModelConfig(name="resnet-18"),  # replaced by the tests' model_fn
         data=DataConfig(dataset="synthetic", synthetic_image_size=SIZE,
@@ -63,9 +73,8 @@ def experiment(model_dir, *, strategy="mirrored", devices=None, **train):
                         synthetic_eval_examples=32),
         train_attack=AttackConfig(epsilon=8.0, step_size=8.0, num_steps=1),
         eval_attack=AttackConfig(epsilon=8.0, step_size=4.0, num_steps=2, clean_start_prob=0.0),
-        train=TrainConfig(**cfg),
         runtime=RuntimeConfig(strategy=strategy, devices=devices),
-        model_dir=str(model_dir))
+        model_dir=str(model_dir)).replace(**{_PATHS[k]: v for k, v in cfg.items()})
 
 
 def _weights(model):
@@ -304,14 +313,14 @@ def test_resnet_recipe_decays_kernels_and_efficientnet_recipe_every_non_bn_weigh
                                 image_size=32)
     convs = [l for l in resnet._flatten_layers() if isinstance(l, keras.layers.Conv2D)]
     dense = [l for l in resnet._flatten_layers() if isinstance(l, keras.layers.Dense)]
-    decayed = model_weights.decayed_weights(resnet, recipes.resnet().weight_decay_scope)
+    decayed = model_weights.decayed_weights(resnet, recipes.resnet().optimizer.weight_decay_scope)
     assert len(decayed) == len(convs) + len(dense) == 21        # 20 convs (3 shortcuts) + fc
     assert all(w.path.endswith("kernel") for w in decayed)
     names = {w.path for w in decayed}
     assert not any("beta" in n or "bias" in n or "gamma" in n for n in names)
     smooth_betas = [w for w in resnet.trainable_weights if w.path.endswith("/beta")
                     and "bn" not in w.path]
-    everything = model_weights.decayed_weights(resnet, recipes.efficientnet().weight_decay_scope)
+    everything = model_weights.decayed_weights(resnet, recipes.efficientnet().optimizer.weight_decay_scope)
     assert len(everything) == 21 + 1 + len(smooth_betas)          # + fc bias + SmoothReLU betas
 
 
