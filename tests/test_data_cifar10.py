@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 from sat_tf import data as data_lib
 from sat_tf.config import DataConfig
 from sat_tf.data import cifar10, convert, testing, tfrecord
+from sat_tf.errors import UserError
 
 COUNTS = {"train": 40, "test": 13}
 
@@ -151,7 +152,7 @@ def test_tfds_is_the_default_source(tmp_path, monkeypatch):
 
 
 def test_tfrecord_source_needs_data_dir():
-    with pytest.raises(ValueError, match="needs data_dir"):
+    with pytest.raises(UserError, match="needs data_dir"):
         data_lib.build_dataset(DataConfig(dataset="cifar10", source="tfrecord"), split="eval",
                                batch_size=4)
     with pytest.raises(ValueError, match="apply to imagenet and images only"):

@@ -16,7 +16,8 @@ import tensorflow_datasets as tfds
 
 from sat_tf import data as data_lib
 from sat_tf.config import DataConfig
-from sat_tf.data import convert, imagenet, pipeline, testing, tfrecord
+from sat_tf.data import convert, imagenet, testing, tfrecord
+from sat_tf.errors import UserError
 
 NUM_CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 4, 5, 3     # 20 train, 12 validation images
 SIZE = 32
@@ -92,13 +93,6 @@ def test_per_host_shards_are_disjoint_and_complete(tree, num_hosts):
     assert all(parts)
     assert sum(parts, collections.Counter()) == collections.Counter(
         _reference_eval_examples(data_dir))
-
-
-def test_shard_files_by_file_or_by_record():
-    ctx = lambda n, i: tf.distribute.InputContext(num_input_pipelines=n, input_pipeline_id=i)
-    assert pipeline.shard_files(list("abcde"), ctx(2, 1)) == (["b", "d"], False)
-    assert pipeline.shard_files(list("abc"), ctx(4, 3)) == (["a", "b", "c"], True)
-    assert pipeline.shard_files(list("abc"), None) == (["a", "b", "c"], False)
 
 
 def test_train_batches_epochs_and_determinism(tree):
@@ -289,10 +283,10 @@ def test_labels_on_disk_must_be_one_based(tmp_path):
 
 
 def test_missing_or_incomplete_data_dir(tree, tmp_path):
-    with pytest.raises(ValueError, match="No TFRecord files match"):
+    with pytest.raises(UserError, match="No TFRecord files match"):
         data_lib.build_dataset(_cfg(str(tmp_path)), split="train", batch_size=2)
     shutil.copy(os.path.join(tree[0], "train-00000-of-00004"), tmp_path)
-    with pytest.raises(ValueError, match="has 1 of the 4 train shards"):
+    with pytest.raises(UserError, match="has 1 of the 4 train shards"):
         data_lib.build_dataset(_cfg(str(tmp_path)), split="train", batch_size=2)
     with pytest.raises(ValueError, match="needs data_dir"):
         DataConfig(dataset="imagenet").validate()
@@ -310,32 +304,6 @@ def test_tfds_imagenet2012_source(tmp_path):
         assert images.shape == (4, SIZE, SIZE, 3) and labels.dtype == tf.int32
         assert 0 <= int(tf.reduce_min(labels)) and int(tf.reduce_max(labels)) < 1000
     assert x.shape == (4, SIZE, SIZE, 3) and 0.0 <= float(tf.reduce_min(x)) <= 255.0
-
-
-def test_failures_in_a_long_run_and_at_the_end_are_counted(monkeypatch, capfd):
-    # fn fails where the payload is 0: records 1, 2, 3 (a run longer than the history of 2
-    # names) and 5 (the last element of the stream).
-    monkeypatch.setattr(pipeline, "HISTORY", 2)
-    ds = tf.data.Dataset.from_tensor_slices((
-        tf.constant(["a"] * 6), tf.range(6, dtype=tf.int64),
-        tf.constant([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]), tf.constant([True] * 6)))
-
-    def fn(payload, position):
-        with tf.control_dependencies([tf.debugging.assert_positive(payload)]):
-            return payload * 10.0 + tf.cast(position, tf.float32)
-
-    got = list(pipeline.decode_reporting_corrupt(ds, fn, skip_corrupt=True).as_numpy_iterator())
-    assert got == [10.0, 14.0]                                   # positions 0 and 4
-    lines = [l for l in capfd.readouterr().err.splitlines() if "sat_tf.data: skipped" in l]
-    assert lines == ["sat_tf.data: skipped 2 corrupt records not named (2 skipped so far)",
-                     "sat_tf.data: skipped corrupt record 3 of a (3 skipped so far)",
-                     "sat_tf.data: skipped corrupt record 5 of a (4 skipped so far)"]
-    with pytest.raises(tf.errors.InvalidArgumentError,
-                       match=r"record 3 of a \(and 2 corrupt records before it\)"):
-        list(pipeline.decode_reporting_corrupt(ds, fn, skip_corrupt=False))
-    tail = ds.take(1).concatenate(ds.skip(5))                    # only the last one fails
-    with pytest.raises(tf.errors.InvalidArgumentError, match="record 5 of a"):
-        list(pipeline.decode_reporting_corrupt(tail, fn, skip_corrupt=False))
 
 
 def test_a_shard_deleted_after_listing_is_named_not_retried_forever(tree, tmp_path):

@@ -50,7 +50,7 @@ def test_pipelines_follow_the_contract():
 def _train(tmp_path, adversarial: bool) -> dict:
     exp = experiments.get("digits-relu").replace(**{
         "model.name": "wrn-10-1", "model.image_size": 8, "train.adversarial": adversarial,
-        "train.train_epochs": None, "train.train_steps": 150, "train.steps_per_loop": 50,
+        "train.train_epochs": None, "train.train_steps": 150, "loop.steps_per_loop": 50,
         "model_dir": str(tmp_path / ("adversarial" if adversarial else "clean"))})
     trainer = training.Trainer(exp, strategy=tf.distribute.get_strategy(), log=lambda _: None)
     return trainer.train()["eval"]

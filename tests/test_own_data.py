@@ -18,7 +18,7 @@ import tensorflow as tf
 from PIL import Image
 
 from sat_tf import cli, data as data_lib, rundir, training
-from sat_tf.config import DataConfig, Experiment, ModelConfig, TrainConfig
+from sat_tf.config import DataConfig, Experiment, ModelConfig, ScheduleConfig, TrainConfig
 from sat_tf.data import testing
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -68,8 +68,8 @@ def test_the_run_gets_the_datas_head_schedule_and_records_them(folder, tmp_path)
     _, out, truth = folder
     exp = Experiment(model=ModelConfig(name="wrn-10-1"),
                      data=DataConfig(dataset="images", data_dir=out),
-                     train=TrainConfig(global_batch_size=50, train_epochs=2,
-                                       warmup_epochs=0.0),
+                     train=TrainConfig(global_batch_size=50, train_epochs=2),
+                     schedule=ScheduleConfig(warmup_epochs=0.0),
                      model_dir=str(tmp_path))
     resolved = rundir.resolve_experiment(exp)
     assert (resolved.model.num_classes, resolved.model.image_size) == (10, 32)

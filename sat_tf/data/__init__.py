@@ -12,22 +12,27 @@ Contract of every dataset built here:
 * ``batch_size`` is the batch this pipeline produces (per replica under
   ``distribute_datasets_from_function``); ``input_context`` shards the data per host.
 
-This package imports TensorFlow lazily, so ``info()`` is cheap.
+The datasets are a table, :data:`DATASETS`: each names the module that builds its pipelines
+and what is known of it before any data is read. This package imports TensorFlow lazily, so
+``info()`` is cheap.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
+from typing import Callable
 
 from sat_tf.config import DataConfig
+from sat_tf.errors import UserError
 
 MANIFEST_FILE = "conversion.json"     # what run/make_tfrecords.py records beside the shards
+LABEL_MAP_FILE = "label_map.txt"      # "<label> <class name>" per line, beside the shards
 SMALL_IMAGE = 64                      # default preprocessing: "resize" at or below this size
 _EVAL_SPLITS = ("validation", "test")  # the converters' names of the evaluation split
 _FACTS = ("num_classes", "num_train_examples", "num_eval_examples", "label_base",
           "preprocessing")
-_IMAGENET = dict(num_classes=1000, num_train_examples=1_281_167, num_eval_examples=50_000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +45,57 @@ class DatasetInfo:
     preprocessing: str = "imagenet"
     images_short_side: int | None = None   # median short side of the images, when known
     metadata: str | None = None     # the file the facts were read from
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """One ``--dataset``: what builds its pipelines, and what is known of it unread."""
+    build: Callable                 # (DataConfig, *, split, batch_size, image_size, input_context)
+    facts: Callable                 # DataConfig -> its known DatasetInfo fields
+    preprocessing: str | None = None   # its own preprocessing; None: by the images' size
+    converted: bool = False         # a folder of shards, whose conversion.json tells its facts
+
+
+def _builder(module: str, *facts: str) -> Callable:
+    """``sat_tf.data.<module>.build`` (imported when called: TensorFlow), given these fields of
+    the dataset's :func:`info` as keyword arguments."""
+    def build(data: DataConfig, **kwargs):
+        if facts:
+            known = info(data)
+            kwargs.update({f: getattr(known, f) for f in facts})
+        return importlib.import_module(f"sat_tf.data.{module}").build(data, **kwargs)
+
+    return build
+
+
+def _digits_facts(data: DataConfig) -> dict:
+    from sat_tf.data import digits     # NumPy, not TensorFlow
+    return dict(num_classes=digits.NUM_CLASSES, image_size=digits.IMAGE_SIZE,
+                num_train_examples=digits.NUM_TRAIN, num_eval_examples=digits.NUM_EVAL)
+
+
+_IMAGENET = dict(num_classes=1000, image_size=None, num_train_examples=1_281_167,
+                 num_eval_examples=50_000)
+
+DATASETS = {
+    "synthetic": Dataset(
+        build=_builder("synthetic"), preprocessing="resize",
+        facts=lambda data: dict(num_classes=data.synthetic_num_classes,
+                                image_size=data.synthetic_image_size,
+                                num_train_examples=data.synthetic_train_examples,
+                                num_eval_examples=data.synthetic_eval_examples)),
+    "digits": Dataset(build=_builder("digits"), facts=_digits_facts, preprocessing="resize"),
+    "cifar10": Dataset(
+        build=_builder("cifar10"), preprocessing="cifar",
+        facts=lambda data: dict(num_classes=10, image_size=32, num_train_examples=50_000,
+                                num_eval_examples=10_000)),
+    # ImageNet's known facts stand for a folder without a conversion.json (the official
+    # TFRecords); a folder of the user's own images has none.
+    "imagenet": Dataset(build=_builder("imagenet", "label_base", "preprocessing"),
+                        facts=lambda data: dict(_IMAGENET), converted=True),
+    "images": Dataset(build=_builder("imagenet", "label_base", "preprocessing"),
+                      facts=lambda data: dict(image_size=None), converted=True),
+}
 
 
 def read_metadata(data_dir: str | None) -> dict | None:
@@ -61,11 +117,11 @@ def read_metadata(data_dir: str | None) -> dict | None:
                 text = f.read()
         manifest = json.loads(text)
     except (OSError, ValueError) as e:
-        raise ValueError(f"Cannot read {path} ({e}); delete it and re-run "
-                         "run/make_tfrecords.py, or fix it.") from None
+        raise UserError(f"Cannot read {path} ({e}); delete it and re-run "
+                        "run/make_tfrecords.py, or fix it.") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
-        raise ValueError(f"{path} is not a conversion record of run/make_tfrecords.py (no "
-                         "'splits').")
+        raise UserError(f"{path} is not a conversion record of run/make_tfrecords.py (no "
+                        "'splits').")
     manifest["_path"] = path
     return manifest
 
@@ -91,8 +147,8 @@ def _from_metadata(manifest: dict) -> dict:
 
 
 def _label_map_classes(data_dir: str) -> int | None:
-    """The number of classes ``label_map.txt`` beside the shards lists (local folders)."""
-    path = os.path.join(data_dir, "label_map.txt")
+    """The number of classes :data:`LABEL_MAP_FILE` beside the shards lists (local folders)."""
+    path = os.path.join(data_dir, LABEL_MAP_FILE)
     if "://" in path or not os.path.exists(path):
         return None
     with open(path) as f:
@@ -100,14 +156,14 @@ def _label_map_classes(data_dir: str) -> int | None:
 
 
 def default_preprocessing(dataset: str, images_short_side: int | None) -> str:
-    """The preprocessing a run gets unless it chooses: CIFAR-10's own; the whole image for
-    small images (at most 64 pixels on the short side, by the folder's conversion.json: a
-    centre crop of size/(size+32) would keep a quarter of a 32x32 image); else ImageNet's
-    crops (also when the images' size is unknown, as for the official ImageNet TFRecords)."""
-    if dataset == "cifar10":
-        return "cifar"
-    if dataset in ("digits", "synthetic"):
-        return "resize"
+    """The preprocessing a run gets unless it chooses: the dataset's own (CIFAR-10's; the
+    whole image for digits and synthetic); the whole image for small images (at most 64
+    pixels on the short side, by the folder's conversion.json: a centre crop of
+    size/(size+32) would keep a quarter of a 32x32 image); else ImageNet's crops (also when
+    the images' size is unknown, as for the official ImageNet TFRecords)."""
+    own = DATASETS[dataset].preprocessing
+    if own:
+        return own
     if images_short_side and images_short_side <= SMALL_IMAGE:
         return "resize"
     return "imagenet"
@@ -117,38 +173,10 @@ def info(data: DataConfig) -> DatasetInfo:
     """Class count, natural image size, split sizes, label base and preprocessing of a
     dataset: ``data``'s own fields where set, else the folder's ``conversion.json``, else the
     dataset's known values. TensorFlow only for metadata on gs://."""
-    if data.dataset == "synthetic":
-        facts = dict(num_classes=data.synthetic_num_classes, image_size=data.synthetic_image_size,
-                     num_train_examples=data.synthetic_train_examples,
-                     num_eval_examples=data.synthetic_eval_examples)
-    elif data.dataset == "digits":
-        from sat_tf.data import digits
-        facts = dict(num_classes=digits.NUM_CLASSES, image_size=digits.IMAGE_SIZE,
-                     num_train_examples=digits.NUM_TRAIN, num_eval_examples=digits.NUM_EVAL)
-    elif data.dataset == "cifar10":
-        facts = dict(num_classes=10, image_size=32, num_train_examples=50_000,
-                     num_eval_examples=10_000)
-    elif data.dataset in ("imagenet", "images"):
-        facts = dict(_IMAGENET) if data.dataset == "imagenet" else {}
-        facts["image_size"] = None
-        # A resolved experiment (sat_tf.training.resolve_experiment) carries every fact: the
-        # pipelines of a pod's hosts then do not read the record again, one round trip each.
-        known = all(getattr(data, f) is not None for f in _FACTS)
-        manifest = (read_metadata(data.data_dir)
-                    if data.resolved_source() == "tfrecord" and not known else None)
-        if manifest is not None:
-            facts.update(_from_metadata(manifest))
-            facts["metadata"] = manifest["_path"]
-            if "num_classes" not in _from_metadata(manifest):
-                classes = _label_map_classes(data.data_dir)
-                if classes:
-                    facts["num_classes"] = classes
-        side = facts.get("images_short_side")
-        if side and side <= SMALL_IMAGE:
-            facts["image_size"] = side      # small images: train at their own size
-    else:
-        raise ValueError(f"Invalid dataset {data.dataset!r}; valid choices: synthetic, digits, "
-                         "cifar10, imagenet, images.")
+    dataset = DATASETS[data.dataset]
+    facts = dataset.facts(data)
+    if dataset.converted:
+        facts.update(_folder_facts(data))
     for what in ("num_classes", "num_train_examples", "num_eval_examples", "label_base"):
         if getattr(data, what) is not None:
             facts[what] = getattr(data, what)
@@ -159,6 +187,29 @@ def info(data: DataConfig) -> DatasetInfo:
     facts["preprocessing"] = data.preprocessing or default_preprocessing(
         data.dataset, facts.get("images_short_side"))
     return DatasetInfo(**facts)
+
+
+def _folder_facts(data: DataConfig) -> dict:
+    """The facts a folder of shards records: its ``conversion.json`` (the class count also
+    from its label map), and its small images' own size as the image size."""
+    # A resolved experiment (sat_tf.training.resolve_experiment) carries every fact: the
+    # pipelines of a pod's hosts then do not read the record again, one round trip each.
+    known = all(getattr(data, f) is not None for f in _FACTS)
+    if data.resolved_source() != "tfrecord" or known:
+        return {}
+    manifest = read_metadata(data.data_dir)
+    if manifest is None:
+        return {}
+    facts = _from_metadata(manifest)
+    facts["metadata"] = manifest["_path"]
+    if "num_classes" not in facts:
+        classes = _label_map_classes(data.data_dir)
+        if classes:
+            facts["num_classes"] = classes
+    side = facts.get("images_short_side")
+    if side and side <= SMALL_IMAGE:
+        facts["image_size"] = side      # small images: train at their own size
+    return facts
 
 
 def remembered_listings():
@@ -176,23 +227,5 @@ def build_dataset(data: DataConfig, *, split: str, batch_size: int, image_size: 
         raise ValueError(f"Invalid split {split!r}; valid choices: train, eval.")
     if batch_size is None or batch_size <= 0:
         raise ValueError(f"Invalid batch size {batch_size!r}; it must be > 0.")
-    if data.dataset == "synthetic":
-        from sat_tf.data import synthetic
-        return synthetic.build(data, split=split, batch_size=batch_size, image_size=image_size,
-                               input_context=input_context)
-    if data.dataset == "cifar10":
-        from sat_tf.data import cifar10
-        return cifar10.build(data, split=split, batch_size=batch_size, image_size=image_size,
-                             input_context=input_context)
-    if data.dataset == "digits":
-        from sat_tf.data import digits
-        return digits.build(data, split=split, batch_size=batch_size, image_size=image_size,
-                            input_context=input_context)
-    if data.dataset in ("imagenet", "images"):
-        from sat_tf.data import imagenet
-        facts = info(data)
-        return imagenet.build(data, split=split, batch_size=batch_size, image_size=image_size,
-                              input_context=input_context, label_base=facts.label_base,
-                              preprocessing=facts.preprocessing)
-    raise ValueError(f"Invalid dataset {data.dataset!r}; valid choices: synthetic, digits, "
-                     "cifar10, imagenet, images.")
+    return DATASETS[data.dataset].build(data, split=split, batch_size=batch_size,
+                                        image_size=image_size, input_context=input_context)

@@ -1,6 +1,6 @@
 """CIFAR-10 input pipeline: ``--dataset=cifar10``.
 
-Sources (``DataConfig.source``):
+Sources (``DataConfig.source``, read by :mod:`sat_tf.data.sources`):
 
 * ``"tfds"`` (default): tensorflow-datasets ``cifar10``, downloaded and prepared on first use
   into ``data_dir`` (or ``TFDS_DATA_DIR``, or ``~/tensorflow_datasets``).
@@ -17,27 +17,12 @@ from __future__ import annotations
 import tensorflow as tf
 
 from sat_tf.config import DataConfig
-from sat_tf.data import pipeline, tfrecord
+from sat_tf.data import pipeline, sources
 
 IMAGE_SIZE = 32
 PAD = 4
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                "truck")
-_SPLITS = {"train": "train", "eval": "test"}      # our split -> file prefix / TFDS split
-
-
-def _tfrecord_stream(data: DataConfig, split: str, input_context):
-    if not data.data_dir:
-        raise ValueError("dataset 'cifar10' with source 'tfrecord' needs data_dir (a folder of "
-                         "train-*/test-* TFRecords from run/make_tfrecords.py).")
-    files = tfrecord.list_files(data.data_dir, _SPLITS[split])
-    files, shard_records = pipeline.shard_files(files, input_context)
-    ds = tfrecord.read(files, cycle_length=min(data.num_parallel_reads, len(files)))
-    if shard_records:
-        ds = pipeline.shard(ds, input_context)
-    return ds, tfrecord.parse
-
-
 DOWNLOAD_HOST = "www.cs.toronto.edu"     # where tensorflow-datasets downloads CIFAR-10 from
 PROBE_TIMEOUT_SECONDS = 5.0
 
@@ -52,10 +37,9 @@ def _probe(host: str, port: int = 443, timeout: float = PROBE_TIMEOUT_SECONDS) -
         raise ConnectionError(f"{host} is not reachable: {e.strerror or e}") from None
 
 
-def _tfds_stream(data: DataConfig, split: str, input_context):
-    import tensorflow_datasets as tfds
-
-    builder = tfds.builder("cifar10", data_dir=data.data_dir)
+def _prepare_tfds(builder, data: DataConfig) -> None:
+    """Downloads and prepares the TFDS ``cifar10`` builder; a one-line ConnectionError that
+    says how to work offline when that fails."""
     try:
         if not builder.is_prepared():
             # tensorflow-datasets retries a failed download for minutes; one quick probe of
@@ -70,16 +54,12 @@ def _tfds_stream(data: DataConfig, split: str, input_context):
             "archive with run/make_tfrecords.py --dataset=cifar10 and train with "
             "--data_source=tfrecord --data_dir=<its output> (or start with --dataset=digits: "
             "no download).") from e
-    tfds_split = _SPLITS[split]
-    if input_context is not None and input_context.num_input_pipelines > 1:
-        tfds_split = tfds.even_splits(tfds_split, n=input_context.num_input_pipelines)[
-            input_context.input_pipeline_id]
-    ds = builder.as_dataset(split=tfds_split, shuffle_files=False,
-                            decoders={"image": tfds.decode.SkipDecoding()})
-    ds = ds.enumerate().map(lambda i, e: (
-        tf.strings.join(["cifar10 ", e["id"]]), i, (e["image"], tf.cast(e["label"], tf.int32)),
-        True))
-    return ds, lambda payload: payload
+
+
+RECORDS = sources.Records(
+    splits={"train": "train", "eval": "test"}, tfds_name="cifar10",
+    tfds_example_name=lambda e: tf.strings.join(["cifar10 ", e["id"]]),
+    prepare_tfds=_prepare_tfds)
 
 
 def _resize(image, size: int):
@@ -102,23 +82,13 @@ def augment_train(image, key, padding: str):
 def build(data: DataConfig, *, split: str, batch_size: int, image_size=None, input_context=None):
     """The CIFAR-10 split as the ``sat_tf.data`` contract describes."""
     size = image_size or IMAGE_SIZE
-    if data.cifar_padding not in ("reflect", "zero"):
-        raise ValueError(f"Invalid cifar_padding {data.cifar_padding!r}; valid choices: reflect, "
-                         "zero.")
-    source = data.resolved_source()
-    if source == "tfrecord":
-        stream, parse = _tfrecord_stream(data, split, input_context)
-    elif source == "tfds":
-        stream, parse = _tfds_stream(data, split, input_context)
-    else:
-        raise ValueError(f"Invalid data source {source!r}; valid choices: tfrecord, tfds.")
 
-    def decode(raw, position):
-        png, label = parse(raw)
+    def decode(png, label, position):
         image = tf.ensure_shape(tf.io.decode_png(png, channels=3), [IMAGE_SIZE, IMAGE_SIZE, 3])
         return image, label
 
-    ds = pipeline.decode_reporting_corrupt(stream, decode, skip_corrupt=data.skip_corrupt)
+    ds = sources.read(RECORDS, data, split, input_context).decode(
+        decode, skip_corrupt=data.skip_corrupt)
     if split == "train":
         key = pipeline.example_key(data.seed, input_context)
         ds = ds.cache().shuffle(data.shuffle_buffer, seed=data.seed, reshuffle_each_iteration=True)

@@ -20,8 +20,9 @@ alone.
 
 The inputs may come from anyone: a class name that would break ``label_map.txt``, a truncated
 or corrupt archive, a pickle holding anything but data, or an archive member larger than the
-official ones is refused with a one-line ValueError, and reading an archive takes memory
-bounded by the official member sizes, however large its members claim to be.
+official ones is refused with a one-line :class:`~sat_tf.errors.UserError`, and reading an
+archive takes memory bounded by the official member sizes, however large its members claim
+to be.
 """
 from __future__ import annotations
 
@@ -47,8 +48,9 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from sat_tf.data import tfrecord
+from sat_tf.data import LABEL_MAP_FILE, MANIFEST_FILE, tfrecord
 from sat_tf.data.cifar10 import CLASS_NAMES as CIFAR10_CLASSES
+from sat_tf.errors import UserError
 
 IMAGENET_SHARDS = {"train": 1024, "validation": 128}
 # Records per shard of the official layout (1,281,167 / 1024 and 50,000 / 128): a smaller
@@ -56,7 +58,6 @@ IMAGENET_SHARDS = {"train": 1024, "validation": 128}
 IMAGENET_SHARD_RECORDS = {"train": 1251, "validation": 390}
 CIFAR10_SHARDS = {"train": 16, "test": 4}
 CIFAR10_COUNTS = {"train": 50_000, "test": 10_000}
-MANIFEST_FILE = "conversion.json"
 _SHUFFLE_SEED = 12345        # fixed, so a resumed run assigns the same images to each shard
 
 
@@ -97,8 +98,8 @@ def write_splits(output_dir: str, dataset: str, splits: Sequence[Split], label_m
     """
     for s in splits:
         if not 1 <= s.num_shards <= max(len(s.items), 1) or not s.items:
-            raise ValueError(f"Invalid shard count {s.num_shards} for {dataset} {s.name} with "
-                             f"{len(s.items)} images; it must be in [1, number of images].")
+            raise UserError(f"Invalid shard count {s.num_shards} for {dataset} {s.name} with "
+                            f"{len(s.items)} images; it must be in [1, number of images].")
     manifest = {"format": "sat_tf official-imagenet-tfrecord v1", "dataset": dataset,
                 "splits": {s.name: {"num_shards": s.num_shards, "num_examples": len(s.items),
                                     "fingerprint": s.fingerprint} for s in splits},
@@ -108,7 +109,7 @@ def write_splits(output_dir: str, dataset: str, splits: Sequence[Split], label_m
     if source is not None:
         manifest["input"] = source
     _claim(output_dir, manifest, splits)
-    _write_text(output_dir, tfrecord.LABEL_MAP_FILE,
+    _write_text(output_dir, LABEL_MAP_FILE,
                 "".join(f"{i + 1} {name}\n" for i, name in enumerate(label_map)))
 
     jobs = []
@@ -166,11 +167,11 @@ def _claim(output_dir: str, manifest: dict, splits: Sequence[Split]) -> None:
             existing = json.load(f)
         old, new = existing.get("input"), manifest.get("input")
         if old is not None and _without_path(old) != _without_path(new):
-            raise ValueError(f"{output_dir!r} holds the conversion of {_describe(old)}; "
-                             f"{_describe(new)} is a different input: use a new output folder.")
+            raise UserError(f"{output_dir!r} holds the conversion of {_describe(old)}; "
+                            f"{_describe(new)} is a different input: use a new output folder.")
         if existing.get("splits") != manifest["splits"]:
-            raise ValueError(f"{output_dir!r} holds a different conversion ({path} differs: other "
-                             "shard counts or examples); use an empty folder.")
+            raise UserError(f"{output_dir!r} holds a different conversion ({path} differs: other "
+                            "shard counts or examples); use an empty folder.")
         # A record from an older version gains what it lacks (the input, the facts training
         # reads); its path stays the first one.
         missing = {k: v for k, v in manifest.items() if k not in existing}
@@ -180,8 +181,8 @@ def _claim(output_dir: str, manifest: dict, splits: Sequence[Split]) -> None:
     for s in splits:
         stray = tf.io.gfile.glob(os.path.join(output_dir, f"{s.name}-*"))
         if stray:
-            raise ValueError(f"{output_dir!r} already has {s.name} shards from another conversion "
-                             f"(e.g. {os.path.basename(stray[0])}); use an empty folder.")
+            raise UserError(f"{output_dir!r} already has {s.name} shards from another conversion "
+                            f"(e.g. {os.path.basename(stray[0])}); use an empty folder.")
     _write_text(output_dir, MANIFEST_FILE, _manifest_text(manifest))
 
 
@@ -272,7 +273,7 @@ def to_rgb_jpeg(data: bytes, path: str) -> tuple[bytes, int, int]:
         image.convert("RGB").save(out, "JPEG", quality=100)
         return out.getvalue(), height, width
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"Cannot decode image {path}: {e}") from None
+        raise UserError(f"Cannot decode image {path}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,7 +300,7 @@ def image_size_sample(paths: Sequence[str], sample: int = IMAGE_SIZE_SAMPLE) -> 
             with tf.io.gfile.GFile(path, "rb") as f, Image.open(f) as image:
                 width, height = image.size
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise ValueError(f"Cannot decode image {path}: {e}") from None
+            raise UserError(f"Cannot decode image {path}: {e}") from None
         sizes.append((height, width))
     heights, widths = np.array(sizes).T
     return {"sampled": len(sizes), "median_height": int(np.median(heights)),
@@ -340,8 +341,8 @@ def _check_class_folders(parent: str, names: Sequence[str]) -> None:
     shard is written, so nothing is converted under a label that cannot be written)."""
     for name in names:
         if not _valid_class_name(name):
-            raise ValueError(f"Invalid class folder {os.path.join(parent, name)!r}: "
-                             f"{_CLASS_NAME_RULE}; rename it.")
+            raise UserError(f"Invalid class folder {os.path.join(parent, name)!r}: "
+                            f"{_CLASS_NAME_RULE}; rename it.")
 
 
 def read_validation_labels(path: str, files: Sequence[str]) -> dict[str, str]:
@@ -352,18 +353,18 @@ def read_validation_labels(path: str, files: Sequence[str]) -> dict[str, str]:
     names = sorted(os.path.basename(p) for p in files)
     if rows and all(len(r) == 1 for r in rows):
         if len(rows) != len(names):
-            raise ValueError(f"Validation label file {path!r} has {len(rows)} lines for "
-                             f"{len(names)} images.")
+            raise UserError(f"Validation label file {path!r} has {len(rows)} lines for "
+                            f"{len(names)} images.")
         return {name: r[0] for name, r in zip(names, rows)}
     if rows and all(len(r) == 2 for r in rows):
         labels = {r[0]: r[1] for r in rows}
         missing = [n for n in names if n not in labels]
         if missing:
-            raise ValueError(f"Validation label file {path!r} has no label for {missing[0]} "
-                             f"({len(missing)} images unlabelled).")
+            raise UserError(f"Validation label file {path!r} has no label for {missing[0]} "
+                            f"({len(missing)} images unlabelled).")
         return labels
-    raise ValueError(f"Validation label file {path!r}: expected one synset per line, or "
-                     "'<file name> <synset>' per line.")
+    raise UserError(f"Validation label file {path!r}: expected one synset per line, or "
+                    "'<file name> <synset>' per line.")
 
 
 def scan_imagenet_tree(input_dir: str, validation_labels: str | None = None):
@@ -384,18 +385,18 @@ def scan_imagenet_tree(input_dir: str, validation_labels: str | None = None):
         else:
             files = _images_in(val_dir)
             if not validation_labels:
-                raise ValueError(f"{val_dir!r} holds images without synset folders; give their "
-                                 "label file (--validation_labels).")
+                raise UserError(f"{val_dir!r} holds images without synset folders; give their "
+                                "label file (--validation_labels).")
             labels = read_validation_labels(validation_labels, files)
             found["validation"] = [(p, labels[os.path.basename(p)]) for p in files]
             bad = sorted(s for s in set(labels.values()) if not _valid_class_name(s))
             if bad:
-                raise ValueError(f"Invalid synset {bad[0]!r} in {validation_labels!r}: "
-                                 f"{_CLASS_NAME_RULE}.")
+                raise UserError(f"Invalid synset {bad[0]!r} in {validation_labels!r}: "
+                                f"{_CLASS_NAME_RULE}.")
     elif validation_labels:
-        raise ValueError(f"A validation label file was given but {val_dir!r} does not exist.")
+        raise UserError(f"A validation label file was given but {val_dir!r} does not exist.")
     if not found:
-        raise ValueError(f"{input_dir!r} has neither a train/ nor a validation/ folder.")
+        raise UserError(f"{input_dir!r} has neither a train/ nor a validation/ folder.")
     if "train" in found:
         synsets = _subfolders(train_dir)
     else:
@@ -403,10 +404,10 @@ def scan_imagenet_tree(input_dir: str, validation_labels: str | None = None):
     known = set(synsets)
     for split, items in found.items():
         if not items:
-            raise ValueError(f"{os.path.join(input_dir, split)!r} holds no images.")
+            raise UserError(f"{os.path.join(input_dir, split)!r} holds no images.")
         unknown = sorted({s for _, s in items} - known)
         if unknown:
-            raise ValueError(f"{split} images of synset {unknown[0]!r} that train/ does not have.")
+            raise UserError(f"{split} images of synset {unknown[0]!r} that train/ does not have.")
     return synsets, found
 
 
@@ -610,20 +611,20 @@ def _read_cifar10_archive(path: str) -> tuple[dict, dict]:
                 folders.update(d for d in _CIFAR_FOLDERS if name.startswith(d))
                 if name in parsers:
                     if name in parsed:
-                        raise ValueError(f"member {name} appears twice; re-download the archive.")
+                        raise UserError(f"member {name} appears twice; re-download the archive.")
                     parsed[name] = parsers[name](read(), name)
             while stream.read(_CHUNK_BYTES):        # to its end: checks the gzip CRC and size
                 pass
             while raw.read(_CHUNK_BYTES):           # and any bytes after it, for the hash
                 pass
         except (EOFError, OSError, zlib.error, lzma.LZMAError, tarfile.TarError) as e:
-            raise ValueError(f"{path!r} is truncated or corrupt ({type(e).__name__}: {e}); "
-                             "re-download it.") from None
+            raise UserError(f"{path!r} is truncated or corrupt ({type(e).__name__}: {e}); "
+                            "re-download it.") from None
         except ValueError as e:
-            raise ValueError(f"{path!r}: {e}") from None
+            raise UserError(f"{path!r}: {e}") from None
     if not folders:
-        raise ValueError(f"{path!r} is not a CIFAR-10 archive (no cifar-10-batches-py/ or "
-                         "cifar-10-batches-bin/ folder).")
+        raise UserError(f"{path!r} is not a CIFAR-10 archive (no cifar-10-batches-py/ or "
+                        "cifar-10-batches-bin/ folder).")
     folder = min(folders, key=list(_CIFAR_FOLDERS).index)     # python first, as before
     out = {}
     for split, batches in _CIFAR_BATCHES.items():
@@ -631,13 +632,13 @@ def _read_cifar10_archive(path: str) -> tuple[dict, dict]:
         for b in batches:
             name = folder + b + _CIFAR_FOLDERS[folder]
             if name not in parsed:
-                raise ValueError(f"{path!r} lacks {name}.")
+                raise UserError(f"{path!r} lacks {name}.")
             parts.append(parsed[name])
         images = np.concatenate([p[0] for p in parts])
         labels = np.concatenate([p[1] for p in parts])
         names = [n for p in parts for n in p[2]]
         if labels.size and not (labels.min() >= 0 and labels.max() < len(CIFAR10_CLASSES)):
-            raise ValueError(f"{path!r}: {split} labels outside 0..9.")
+            raise UserError(f"{path!r}: {split} labels outside 0..9.")
         out[split] = (images, labels, names)
     source = {"path": _input_path(path), "bytes": hashing.size,
               "sha256": hashing.sha256.hexdigest()}
@@ -690,12 +691,12 @@ def _tar_files(stream):
             return                                            # the end-of-archive marker
         info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
         if not 0 <= info.size <= _MAX_MEMBER_BYTES:
-            raise ValueError(f"member {info.name} claims {info.size:,} bytes; the official "
-                             "CIFAR-10 members have about 31 MB and at most 64 MiB is read: "
-                             "not an official archive, re-download it.")
+            raise UserError(f"member {info.name} claims {info.size:,} bytes; the official "
+                            "CIFAR-10 members have about 31 MB and at most 64 MiB is read: "
+                            "not an official archive, re-download it.")
         if info.type == tarfile.GNUTYPE_SPARSE:
-            raise ValueError(f"member {info.name} is a sparse file, as no official CIFAR-10 "
-                             "member is; re-download the archive.")
+            raise UserError(f"member {info.name} is a sparse file, as no official CIFAR-10 "
+                            "member is; re-download the archive.")
         padding = -info.size % tarfile.BLOCKSIZE
         if info.type not in _REGULAR_TYPES:
             _skip(stream, info.size + padding)
@@ -731,44 +732,44 @@ def _parse_python_batch(blob: bytes, member: str):
     try:
         batch = unpickler.load()
     except _Forbidden as e:
-        raise ValueError(f"member {member} holds a forbidden object {e}: refused to unpickle it "
-                         "(nothing of it was run; a CIFAR-10 batch holds only arrays, lists and "
-                         "bytes).") from None
+        raise UserError(f"member {member} holds a forbidden object {e}: refused to unpickle it "
+                        "(nothing of it was run; a CIFAR-10 batch holds only arrays, lists and "
+                        "bytes).") from None
     except Exception as e:  # noqa: BLE001 - whatever the bytes make the unpickler raise
-        raise ValueError(f"member {member} is not a CIFAR-10 batch pickle "
-                         f"({type(e).__name__}: {e}).") from None
+        raise UserError(f"member {member} is not a CIFAR-10 batch pickle "
+                        f"({type(e).__name__}: {e}).") from None
     finally:
         # The memo holds the unpickler's own methods (a cycle) and every memoised object, such
         # as the text the data was encoded from: freed now rather than by the next collection.
         unpickler.memo.clear()
     if not isinstance(batch, dict):
-        raise ValueError(f"member {member} holds a {type(batch).__name__}, not a dict of "
-                         "b'data' and b'labels'.")
+        raise UserError(f"member {member} holds a {type(batch).__name__}, not a dict of "
+                        "b'data' and b'labels'.")
     data, labels, names = batch.get(b"data"), batch.get(b"labels"), batch.get(b"filenames")
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
             and data.shape[1] == 3072):
-        raise ValueError(f"member {member}: b'data' is not a uint8 array of shape [N, 3072].")
+        raise UserError(f"member {member}: b'data' is not a uint8 array of shape [N, 3072].")
     if isinstance(labels, np.ndarray) and labels.ndim == 1 and labels.dtype.kind in "iu":
         labels = labels.tolist()
     if not (isinstance(labels, (list, tuple)) and all(
             isinstance(v, (int, np.integer)) and 0 <= v < len(CIFAR10_CLASSES) for v in labels)):
-        raise ValueError(f"member {member}: b'labels' is not a list of class indices 0..9.")
+        raise UserError(f"member {member}: b'labels' is not a list of class indices 0..9.")
     if data.shape[0] != len(labels):
-        raise ValueError(f"member {member}: data of shape {data.shape} for {len(labels)} labels.")
+        raise UserError(f"member {member}: data of shape {data.shape} for {len(labels)} labels.")
     if names is None:
         names = [f"{member}:{i}".encode() for i in range(len(labels))]
     elif not (isinstance(names, (list, tuple)) and len(names) == len(labels) and all(
             isinstance(n, bytes) and len(n) <= 255 for n in names)):
-        raise ValueError(f"member {member}: b'filenames' is not a list of one file names (bytes, "
-                         "at most 255) per image.")
+        raise UserError(f"member {member}: b'filenames' is not a list of one file names (bytes, "
+                        "at most 255) per image.")
     return (_chw_to_hwc(data.view(np.ndarray)), np.asarray(labels, np.int64),
             [n.decode(errors="replace") for n in names])
 
 
 def _parse_binary_batch(blob: bytes, member: str):
     if len(blob) % _CIFAR_RECORD_BYTES:
-        raise ValueError(f"member {member} has {len(blob):,} bytes, not a whole number of "
-                         f"{_CIFAR_RECORD_BYTES}-byte records.")
+        raise UserError(f"member {member} has {len(blob):,} bytes, not a whole number of "
+                        f"{_CIFAR_RECORD_BYTES}-byte records.")
     rows = np.frombuffer(blob, np.uint8).reshape(-1, _CIFAR_RECORD_BYTES)
     return (_chw_to_hwc(rows[:, 1:]), rows[:, 0].astype(np.int64),
             [f"{member}:{i}" for i in range(len(rows))])
@@ -796,8 +797,8 @@ def convert_cifar10_archive(archive: str, output_dir: str, *,
     data, source = _read_cifar10_archive(archive)
     for split, (images, _, _) in data.items():
         if len(images) != expected[split]:
-            raise ValueError(f"{archive!r} has {len(images):,} {split} images; expected "
-                             f"{expected[split]:,}.")
+            raise UserError(f"{archive!r} has {len(images):,} {split} images; expected "
+                            f"{expected[split]:,}.")
     shards = {"train": train_shards, "test": test_shards}
     splits = []
     for split, (images, labels, names) in data.items():

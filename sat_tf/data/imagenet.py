@@ -1,11 +1,13 @@
-"""ImageNet (ILSVRC-2012) input pipeline: ``--dataset=imagenet``.
+"""ImageNet (ILSVRC-2012) input pipeline: ``--dataset=imagenet``, and ``--dataset=images`` (a
+folder of class folders converted by ``run/make_tfrecords.py``).
 
-Sources (``DataConfig.source``):
+Sources (``DataConfig.source``, read by :mod:`sat_tf.data.sources`):
 
 * ``"tfrecord"`` (default): the official TFRecord layout (:mod:`sat_tf.data.tfrecord`),
-  ``train-*`` / ``validation-*`` shards in ``data_dir``, a local folder or ``gs://`` bucket.
-* ``"tfds"``: the tensorflow-datasets ``imagenet2012`` builder; the ILSVRC tar files go in
-  ``manual_dir``, the prepared dataset in ``data_dir`` (or ``TFDS_DATA_DIR``).
+  ``train-*`` / ``validation-*`` shards in ``data_dir``, a local folder or ``gs://`` bucket;
+  training visits the shards in a seeded random order.
+* ``"tfds"`` (imagenet only): the tensorflow-datasets ``imagenet2012`` builder; the ILSVRC tar
+  files go in ``manual_dir``, the prepared dataset in ``data_dir`` (or ``TFDS_DATA_DIR``).
 
 Preprocessing as DESIGN.md §5 and the TPU reference. Train: a distorted bounding box (area
 0.08–1 of the image, aspect 3/4–4/3, covering >= 10 % of it, 10 attempts; when every attempt
@@ -27,11 +29,10 @@ from __future__ import annotations
 import tensorflow as tf
 
 from sat_tf.config import DataConfig
-from sat_tf.data import augment, pipeline, tfrecord
+from sat_tf.data import augment, pipeline, sources
 
 DEFAULT_IMAGE_SIZE = 224
 CROP_PADDING = 32
-_SPLITS = {"train": "train", "eval": "validation"}    # our split -> file prefix / TFDS split
 
 
 def center_crop_window(shape, image_size: int):
@@ -100,36 +101,17 @@ def preprocess_whole_train(image_bytes, key, image_size: int, preprocessing: str
     return image
 
 
-def _tfrecord_stream(data: DataConfig, split: str, input_context):
-    """``(file, index, record, readable)`` of one pass over this host's shards."""
-    files = tfrecord.list_files(data.data_dir, _SPLITS[split])
-    files, shard_records = pipeline.shard_files(files, input_context)
-    ds = tfrecord.read(files, cycle_length=min(data.num_parallel_reads, len(files)),
-                       shuffle_seed=data.seed if split == "train" else None)
-    if shard_records:
-        ds = pipeline.shard(ds, input_context)
-    return ds, tfrecord.parse
-
-
-def _tfds_stream(data: DataConfig, split: str, input_context):
-    """``(file, index, (jpeg, label), True)`` from TFDS ``imagenet2012`` (0-based labels)."""
+def _prepare_tfds(builder, data: DataConfig) -> None:
+    """Prepares TFDS ``imagenet2012`` from the ILSVRC tar files in ``data.manual_dir``."""
     import tensorflow_datasets as tfds
 
-    builder = tfds.builder("imagenet2012", data_dir=data.data_dir)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=data.manual_dir))
-    tfds_split = _SPLITS[split]
-    if input_context is not None and input_context.num_input_pipelines > 1:
-        tfds_split = tfds.even_splits(tfds_split, n=input_context.num_input_pipelines)[
-            input_context.input_pipeline_id]
-    train = split == "train"
-    ds = builder.as_dataset(
-        split=tfds_split, shuffle_files=train, decoders={"image": tfds.decode.SkipDecoding()},
-        read_config=tfds.ReadConfig(shuffle_seed=data.seed,
-                                    interleave_cycle_length=data.num_parallel_reads))
-    ds = ds.enumerate().map(lambda i, e: (
-        e["file_name"], i, (e["image"], tf.cast(e["label"], tf.int32)), True))
-    return ds, lambda payload: payload
+
+
+RECORDS = sources.Records(
+    splits={"train": "train", "eval": "validation"}, tfds_name="imagenet2012",
+    tfds_example_name=lambda e: e["file_name"], prepare_tfds=_prepare_tfds, shuffle_files=True)
 
 
 def build(data: DataConfig, *, split: str, batch_size: int, image_size=None, input_context=None,
@@ -137,44 +119,28 @@ def build(data: DataConfig, *, split: str, batch_size: int, image_size=None, inp
     """The split as the ``sat_tf.data`` contract describes; ``label_base`` is the first label
     in the TFRecords, ``preprocessing`` one of :data:`sat_tf.config.PREPROCESSINGS`."""
     size = image_size or DEFAULT_IMAGE_SIZE
-    if preprocessing not in ("imagenet", "resize", "cifar"):
-        raise ValueError(f"Invalid preprocessing {preprocessing!r}; valid choices: imagenet, "
-                         "resize, cifar.")
-    source = data.resolved_source()
-    if source == "tfrecord":
-        if not data.data_dir:
-            raise ValueError(f"dataset {data.dataset!r} needs data_dir (a folder of "
-                             "train-*/validation-* TFRecords).")
-        stream, _ = _tfrecord_stream(data, split, input_context)
-        parse = lambda raw: tfrecord.parse(raw, label_base)   # noqa: E731
-    elif source == "tfds":
-        stream, parse = _tfds_stream(data, split, input_context)
-    else:
-        raise ValueError(f"Invalid data source {source!r}; valid choices: tfrecord, tfds.")
-
+    stream = sources.read(RECORDS, data, split, input_context, label_base=label_base)
     if split == "train":
         key = pipeline.example_key(data.seed, input_context)
         # Shuffling one pass, then repeating, keeps epochs whole: each sees every record once.
-        ds = stream.shuffle(data.shuffle_buffer, seed=data.seed, reshuffle_each_iteration=True)
-        ds = ds.repeat()
+        stream = stream.reorder(lambda ds: ds.shuffle(
+            data.shuffle_buffer, seed=data.seed, reshuffle_each_iteration=True).repeat())
 
-        def example(raw, position):
-            image_bytes, label = parse(raw)
+        def example(image_bytes, label, position):
             if preprocessing == "imagenet":
                 return preprocess_train(image_bytes, key(position), size, data), label
             return preprocess_whole_train(image_bytes, key(position), size, preprocessing,
                                           data), label
 
-        ds = pipeline.decode_reporting_corrupt(ds, example, skip_corrupt=data.skip_corrupt)
+        ds = stream.decode(example, skip_corrupt=data.skip_corrupt)
         return pipeline.batch_train(ds, batch_size)
 
-    def eval_example(raw, position):
-        image_bytes, label = parse(raw)
+    def eval_example(image_bytes, label, position):
         if preprocessing == "imagenet":
             return preprocess_eval(image_bytes, size), label
         return decode_whole(image_bytes, size), label
 
-    ds = pipeline.decode_reporting_corrupt(stream, eval_example, skip_corrupt=data.skip_corrupt)
+    ds = stream.decode(eval_example, skip_corrupt=data.skip_corrupt)
     if data.cache_eval:     # float32 pixels: image_size^2 * 12 bytes per example, in memory
         ds = ds.cache()
     return pipeline.batch_eval(ds, batch_size)

@@ -9,7 +9,7 @@ one ``tf.train.Example`` per image with ``image/encoded`` (JPEG, or PNG for CIFA
 
 Reading (:func:`read`) yields ``(file, index, record, readable)`` per record, where ``file`` and
 ``index`` say where the record came from, so a corrupt record can be reported by name
-(:func:`sat_tf.data.pipeline.decode_reporting_corrupt`). ``readable`` is False for one marker
+(:func:`sat_tf.data.corrupt.decode_reporting_corrupt`). ``readable`` is False for one marker
 element when the file holds unreadable bytes (a bad checksum or a truncated record) at
 ``index``; the rest of that file cannot be read.
 """
@@ -23,7 +23,8 @@ from typing import Sequence
 
 import tensorflow as tf
 
-LABEL_MAP_FILE = "label_map.txt"
+from sat_tf.errors import UserError
+
 _SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<index>\d{5})-of-(?P<count>\d{5})$")
 _READ_BUFFER_BYTES = 8 << 20     # what the TPU reference uses for GCS reads
 _RECORD_OVERHEAD_BYTES = 16      # length (8) + length CRC (4) + data CRC (4)
@@ -85,8 +86,9 @@ def parse(record, label_base: int = 1):
 def list_files(data_dir: str, split: str) -> list[str]:
     """The sorted ``<split>-*`` shards in ``data_dir`` (local or ``gs://``).
 
-    Raises a one-line ValueError when there are none, or when officially named shards
-    (``split-NNNNN-of-MMMMM``) are missing some of the M shards (an unfinished conversion).
+    Raises a one-line :class:`~sat_tf.errors.UserError` when there are none, or when
+    officially named shards (``split-NNNNN-of-MMMMM``) are missing some of the M shards (an
+    unfinished conversion).
     Inside :func:`remembered_listings` the answer is computed once.
     """
     if _memo is None:
@@ -123,17 +125,17 @@ def _list_files(data_dir: str, split: str) -> list[str]:
     pattern = os.path.join(data_dir, f"{split}-*")
     files = sorted(tf.io.gfile.glob(pattern))
     if not files:
-        raise ValueError(f"No TFRecord files match {pattern!r}; expected shards named like "
-                         f"{shard_name(split, 0, 1024)} (run/make_tfrecords.py writes them).")
+        raise UserError(f"No TFRecord files match {pattern!r}; expected shards named like "
+                        f"{shard_name(split, 0, 1024)} (run/make_tfrecords.py writes them).")
     found = [_SHARD_RE.match(os.path.basename(f)) for f in files]
     if all(found):
         counts = {int(m["count"]) for m in found}
         if len(counts) > 1:
-            raise ValueError(f"{data_dir!r} mixes {split} shard sets of sizes {sorted(counts)}.")
+            raise UserError(f"{data_dir!r} mixes {split} shard sets of sizes {sorted(counts)}.")
         (count,) = counts
         if len(files) != count:
-            raise ValueError(f"{data_dir!r} has {len(files)} of the {count} {split} shards; "
-                             "the conversion is incomplete.")
+            raise UserError(f"{data_dir!r} has {len(files)} of the {count} {split} shards; "
+                            "the conversion is incomplete.")
     return files
 
 
