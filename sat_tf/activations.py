@@ -309,8 +309,3 @@ class Activation(keras.layers.Layer):
         config = super().get_config()
         config.update({"activation": self.activation, "alpha": self.alpha})
         return config
-
-
-def get(name: str, **kwargs) -> Activation:
-    """A new activation layer by name (a ValueError lists the valid names)."""
-    return Activation(name, **kwargs)

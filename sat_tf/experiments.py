@@ -11,6 +11,7 @@ from typing import Callable
 from sat_tf import recipes
 from sat_tf.config import (AttackConfig, DataConfig, EvalConfig, Experiment, LoopConfig,
                            ModelConfig)
+from sat_tf.errors import UserError
 
 _REGISTRY: dict[str, Callable[[], Experiment]] = {}
 
@@ -34,7 +35,7 @@ def names() -> list[str]:
 def get(name: str) -> Experiment:
     """A fresh copy of preset ``name`` (a one-line ValueError lists the valid names)."""
     if name not in _REGISTRY:
-        raise ValueError(f"Unknown experiment {name!r}; valid experiments: {', '.join(names())}.")
+        raise UserError(f"Unknown experiment {name!r}; valid experiments: {', '.join(names())}.")
     exp = _REGISTRY[name]()
     exp.name = name
     return exp

@@ -35,7 +35,7 @@ def activation(name: str) -> str:
     key = ACTIVATION_ALIASES.get(key, key)
     if key not in ACTIVATIONS:
         valid = ", ".join(ACTIVATIONS + tuple(ACTIVATION_ALIASES))
-        raise ValueError(f"Unknown activation {name!r}; valid activations: {valid}.")
+        raise UserError(f"Unknown activation {name!r}; valid activations: {valid}.")
     return key
 
 
@@ -47,7 +47,7 @@ def backward_rule(name: str | None) -> str | None:
     key = ACTIVATION_ALIASES.get(key, key)
     if key not in BACKWARD_RULES:
         valid = ", ".join(("natural",) + BACKWARD_RULES)
-        raise ValueError(f"Unknown backward rule {name!r}; valid backward rules: {valid}.")
+        raise UserError(f"Unknown backward rule {name!r}; valid backward rules: {valid}.")
     return key
 
 
