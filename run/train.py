@@ -225,7 +225,7 @@ def dataset_from_flags() -> tuple[str, str | None]:
     dataset = manifest.get("dataset")
     if dataset not in DATASETS:
         raise UserError(f"{manifest['_path']} records dataset {dataset!r}; give --dataset "
-                         f"({', '.join(DATASETS)}).")
+                        f"({', '.join(DATASETS)}).")
     return dataset, ("tfrecord" if dataset == "cifar10" else None)
 
 
@@ -276,7 +276,7 @@ def experiment_from_flags() -> Experiment:
         policy = "mixed_bfloat16" if _given("use_bfloat16") else "none"
         if _given("mixed_precision") not in (None, policy):
             raise UserError(f"--{'' if _given('use_bfloat16') else 'no'}use_bfloat16 "
-                             f"contradicts --mixed_precision={_given('mixed_precision')}.")
+                            f"contradicts --mixed_precision={_given('mixed_precision')}.")
         overrides["runtime.mixed_precision"] = policy
     if _given("num_classes") is not None and (_given("dataset") or exp.data.dataset) == "synthetic":
         overrides["data.synthetic_num_classes"] = _given("num_classes")

@@ -142,8 +142,8 @@ class DataConfig:
             own = {"cifar10": "cifar", "digits": "resize", "synthetic": "resize"}.get(self.dataset)
             if own is not None and self.preprocessing != own:
                 raise UserError(f"Invalid preprocessing {self.preprocessing!r} for dataset "
-                                 f"{self.dataset!r}; it has only {own!r} (the choice applies "
-                                 "to imagenet and images folders).")
+                                f"{self.dataset!r}; it has only {own!r} (the choice applies "
+                                "to imagenet and images folders).")
         if self.source is not None:
             _choice("data source", self.source, DATA_SOURCES)
         _choice("augmentation", self.augment, AUGMENTATIONS)
@@ -154,22 +154,22 @@ class DataConfig:
         _positive("randaugment_layers", self.randaugment_layers, allow_zero=True)
         if not 0.0 <= self.randaugment_magnitude <= 30.0:
             raise UserError(f"Invalid randaugment_magnitude {self.randaugment_magnitude!r}; "
-                             "it must be in [0, 30].")
+                            "it must be in [0, 30].")
         _positive("synthetic_image_size", self.synthetic_image_size)
         _positive("synthetic_num_classes", self.synthetic_num_classes)
         _positive("synthetic_train_examples", self.synthetic_train_examples)
         _positive("synthetic_eval_examples", self.synthetic_eval_examples)
         if self.augment != "none" and self.dataset not in ("imagenet", "images"):
             raise UserError(f"Invalid augmentation {self.augment!r} for dataset {self.dataset!r}; "
-                             "RandAugment/AutoAugment apply to imagenet and images only (use "
-                             "'none').")
+                            "RandAugment/AutoAugment apply to imagenet and images only (use "
+                            "'none').")
         if (self.dataset in ("imagenet", "images") and self.resolved_source() == "tfrecord"
                 and not self.data_dir):
             raise UserError(f"dataset {self.dataset!r} needs data_dir (a folder of "
-                             "train-*/validation-* TFRecords).")
+                            "train-*/validation-* TFRecords).")
         if self.dataset in ("synthetic", "digits", "images") and self.source == "tfds":
             raise UserError(f"Invalid data source 'tfds' for dataset {self.dataset!r}; valid "
-                             "choices: tfrecord (or none).")
+                            "choices: tfrecord (or none).")
 
     def resolved_source(self) -> str:
         """``source``, or the dataset's usual source when it is None."""
@@ -343,7 +343,7 @@ class RuntimeConfig:
         _choice("mixed precision policy", self.mixed_precision, MIXED_PRECISION)
         if self.tpu and self.mixed_precision == "mixed_float16":
             raise UserError("Invalid mixed precision policy 'mixed_float16' with a TPU (TPUs "
-                             "compute in bfloat16); valid choices: auto, mixed_bfloat16, none.")
+                            "compute in bfloat16); valid choices: auto, mixed_bfloat16, none.")
         if self.strategy == "tpu" and not self.tpu:
             raise UserError("strategy 'tpu' needs a TPU name, address or 'local'.")
         if self.num_gpus is not None:
@@ -355,10 +355,10 @@ class RuntimeConfig:
         for what in ("devices", "num_gpus"):
             if getattr(self, what) is not None and self.strategy not in ("mirrored", "one_device"):
                 raise UserError(f"{what}={getattr(self, what)!r} applies to strategy 'mirrored' "
-                                 f"or 'one_device', not {self.strategy!r}.")
+                                f"or 'one_device', not {self.strategy!r}.")
         if self.tpu and self.strategy not in ("default", "tpu"):
             raise UserError(f"tpu={self.tpu!r} needs strategy 'tpu' (or 'default'), not "
-                             f"{self.strategy!r}.")
+                            f"{self.strategy!r}.")
         _positive("peer_timeout_seconds", self.peer_timeout_seconds)
 
 

@@ -313,12 +313,12 @@ def model_shape(exp: Experiment) -> tuple[int, int]:
     num_classes = exp.model.num_classes or info.num_classes
     if num_classes is None:
         raise UserError(f"The class count of dataset {exp.data.dataset!r} in "
-                         f"{exp.data.data_dir!r} is unknown (no conversion.json from "
-                         "run/make_tfrecords.py beside the shards); give --num_classes.")
+                        f"{exp.data.data_dir!r} is unknown (no conversion.json from "
+                        "run/make_tfrecords.py beside the shards); give --num_classes.")
     if info.num_classes is not None and num_classes < info.num_classes:
         where = f" ({info.metadata})" if info.metadata else ""
         raise UserError(f"num_classes {num_classes} is smaller than the {info.num_classes} "
-                         f"classes of dataset {exp.data.dataset!r}{where}.")
+                        f"classes of dataset {exp.data.dataset!r}{where}.")
     image_size = exp.model.image_size or info.image_size
     if image_size is None:
         from sat_tf import models

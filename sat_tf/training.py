@@ -79,9 +79,9 @@ class Trainer:
         num_examples = exp.train.num_train_examples or exp.data.num_train_examples
         if num_examples is None:
             raise UserError(f"The training-set size of dataset {exp.data.dataset!r} in "
-                             f"{exp.data.data_dir!r} is unknown (no conversion.json from "
-                             "run/make_tfrecords.py beside the shards); give "
-                             "--num_train_images.")
+                            f"{exp.data.data_dir!r} is unknown (no conversion.json from "
+                            "run/make_tfrecords.py beside the shards); give "
+                            "--num_train_images.")
         self.steps_per_epoch = schedules.steps_per_epoch(exp.train, num_examples)
         self.total_steps = schedules.total_steps(exp.train, num_examples)
         self.model_dir = exp.model_dir
