@@ -20,11 +20,11 @@ A --model_dir evaluates the EMA weights when the run kept them (--noema: the raw
 A --saved_model is loaded with TensorFlow alone, without sat_tf's model code.
 
 Bad flag values fail with a one-line message and exit status 2 before TensorFlow is imported.
-Exit status 1 with --strict when a sanity check fails.
+Exit status 1 with --strict when a sanity check fails. The evaluation is
+sat_tf.robustness.evaluate's; this program turns the flags into its request.
 """
 from __future__ import annotations
 
-import os
 import pathlib
 import sys
 
@@ -32,10 +32,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from absl import flags  # noqa: E402
 
-from sat_tf import cli  # noqa: E402
-from sat_tf import loading  # noqa: E402
+from sat_tf import cli, loading, reports, robustness  # noqa: E402
 from sat_tf.config import (ATTACK_MODES, DATA_SOURCES, DATASETS,  # noqa: E402
-                           PREPROCESSINGS, STRATEGIES, Experiment, RuntimeConfig)
+                           PREPROCESSINGS, STRATEGIES, RuntimeConfig)
+from sat_tf.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
 # Every flag defaults to None ("not given"): the experiment's value stands.
@@ -81,196 +81,56 @@ flags.DEFINE_float("peer_timeout_seconds", None, "--strategy=multi_worker: how l
                    "worker waits at start-up for all workers of TF_CONFIG's cluster before "
                    "failing (default 900).")
 
-def _fail(message: str) -> None:
-    cli.fail("eval.py", message)
 
-
-def _numbers(name: str, values, kind):
+def _numbers(flag: str, kind) -> tuple | None:
+    """A list flag's values as numbers (None: not given)."""
+    values = getattr(FLAGS, flag)
+    if values is None:
+        return None
     try:
         return tuple(kind(v) for v in values)
     except ValueError:
-        raise ValueError(f"Invalid --{name} {','.join(values)!r}; give comma-separated "
-                         f"{'integers' if kind is int else 'numbers'}.") from None
+        raise UserError(f"Invalid --{flag} {','.join(values)!r}; give comma-separated "
+                        f"{'integers' if kind is int else 'numbers'}.") from None
 
 
-# Data facts a run records from its data folder: evaluating other data looks them up again.
-_DATA_FACTS = ("data.num_classes", "data.num_train_examples", "data.num_eval_examples",
-               "data.label_base")
-
-
-def config_from_flags():
-    """(source, experiment, flag overrides, runtime config); TF-free.
-
-    For a remote location whose experiment is read only once TensorFlow is up, the
-    experiment is the default one here and :func:`run` builds it again with
-    :func:`evaluation_experiment`."""
+def request_from_flags() -> robustness.EvalRequest:
+    """The flags as an evaluation request, checked (TF-free)."""
     source = loading.resolve(model_dir=FLAGS.model_dir, saved_model=FLAGS.saved_model,
                              checkpoint=FLAGS.checkpoint, use_ema=FLAGS.use_ema)
-    overrides = {}
-    for flag, path in (("dataset", "data.dataset"), ("data_dir", "data.data_dir"),
-                       ("data_source", "data.source"), ("preprocessing", "data.preprocessing"),
-                       ("skip_corrupt", "data.skip_corrupt")):
-        if getattr(FLAGS, flag) is not None:
-            overrides[path] = getattr(FLAGS, flag)
-    if any(FLAGS[f].present for f in ("dataset", "data_dir", "data_source")):
-        overrides.update({path: None for path in _DATA_FACTS})
-    if FLAGS.attack_steps is not None:
-        overrides["evaluation.attack_steps"] = _numbers("attack_steps", FLAGS.attack_steps, int)
-    if FLAGS.attack_epsilon is not None:
-        overrides["evaluation.attack_epsilons"] = _numbers("attack_epsilon",
-                                                           FLAGS.attack_epsilon, float)
-    if FLAGS.attack_mode is not None:
-        overrides["evaluation.attack_modes"] = tuple(FLAGS.attack_mode)
-    for flag, field in (("attack_step_size", "attack_step_size"),
-                        ("attack_restarts", "attack_restarts"),
-                        ("random_start", "random_start"),
-                        ("eval_batch_size", "global_batch_size"),
-                        ("max_batches", "max_batches"), ("seed", "seed")):
-        if getattr(FLAGS, flag) is not None:
-            overrides[f"evaluation.{field}"] = getattr(FLAGS, flag)
-    if FLAGS.sanity_epsilon is not None:
-        overrides["evaluation.sanity_epsilon"] = FLAGS.sanity_epsilon or None
-    overrides["evaluation.use_ema"] = FLAGS.use_ema
-    exp = evaluation_experiment(source.experiment, overrides)
-    exp.evaluation.validate()
-    if source.experiment is not None:
-        exp.data.validate()
+    data = robustness.DataOverrides(
+        dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, source=FLAGS.data_source,
+        preprocessing=FLAGS.preprocessing, skip_corrupt=FLAGS.skip_corrupt)
+    protocol = robustness.ProtocolOverrides(
+        attack_steps=_numbers("attack_steps", int),
+        attack_epsilons=_numbers("attack_epsilon", float),
+        attack_step_size=FLAGS.attack_step_size, attack_restarts=FLAGS.attack_restarts,
+        attack_modes=None if FLAGS.attack_mode is None else tuple(FLAGS.attack_mode),
+        random_start=FLAGS.random_start, sanity_epsilon=FLAGS.sanity_epsilon,
+        global_batch_size=FLAGS.eval_batch_size, max_batches=FLAGS.max_batches,
+        seed=FLAGS.seed)
     runtime = RuntimeConfig(strategy=FLAGS.strategy or ("tpu" if FLAGS.tpu else "default"),
                             tpu=FLAGS.tpu, num_gpus=FLAGS.num_gpus,
                             logical_cpus=FLAGS.logical_cpus)
     if FLAGS.peer_timeout_seconds is not None:
         runtime.peer_timeout_seconds = FLAGS.peer_timeout_seconds
-    runtime.validate()
-    if FLAGS.report:
-        check_report_path(FLAGS.report)
-    return source, exp, overrides, runtime
-
-
-def own_attack(stored: Experiment) -> dict:
-    """The run's own evaluation attack as evaluation overrides: its epsilon and step count
-    join the evaluation protocol's, its step size and random start replace them (a run
-    trained at epsilon 16 is attacked at 16 with its own step, not with PGD's 1 pixel)."""
-    attack, protocol = stored.eval_attack, stored.evaluation
-    return {
-        "evaluation.attack_epsilons": tuple(sorted({*protocol.attack_epsilons, attack.epsilon})),
-        "evaluation.attack_steps": tuple(sorted({*protocol.attack_steps, attack.num_steps})),
-        "evaluation.attack_step_size": attack.step_size,
-        "evaluation.random_start": attack.random_start,
-    }
-
-
-def evaluation_experiment(stored: Experiment | None, overrides: dict) -> Experiment:
-    """The run's experiment with its own evaluation attack, then the flags' ``overrides``."""
-    if stored is None:
-        return Experiment().replace(**overrides)
-    return stored.replace(**{**own_attack(stored), **overrides})
-
-
-def check_report_path(path: str) -> None:
-    """A local --report must be a writable file path (checked before any evaluation work:
-    an hour of attacks should not end in an unwritable report)."""
-    if "://" in path:
-        return
-    if os.path.isdir(path):
-        raise ValueError(f"Invalid --report {path!r}: it is a folder; give a file path such "
-                         "as report.json.")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"Invalid --report {path!r}: its folder {folder!r} does not exist.")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise ValueError(f"Invalid --report {path!r}: it is not writable.")
-
-
-def _report_path(source, step) -> str:
-    if FLAGS.report:
-        return FLAGS.report
-    if source.kind == "checkpoint":
-        return os.path.join(source.path, f"eval_report_step{step}.json")
-    return "eval_report.json"
-
-
-def run(source, exp: Experiment, overrides: dict, runtime: RuntimeConfig) -> dict:
-    """Loads the model and evaluates it; returns the report (TensorFlow from here on)."""
-    from sat_tf import data, distribute, evaluation, reports
-
-    strategy = distribute.strategy_from_config(runtime)
-    with strategy.scope():
-        model, info = loading.load(source)
-    if source.experiment is not None:   # also when it was read only now (remote locations)
-        exp = evaluation_experiment(source.experiment, overrides)
-        exp.data.validate()
-    cfg = exp.evaluation
-    image_size = info["image_size"]
-    cfg.global_batch_size = distribute.eval_batch_size(cfg.global_batch_size, strategy)
-    split = data.info(exp.data)
-    if split.num_classes is not None and split.num_classes > info["num_classes"]:
-        raise ValueError(f"The model has {info['num_classes']} classes but dataset "
-                         f"{exp.data.dataset!r} has {split.num_classes}; evaluate it on its own "
-                         "data.")
-    with data.remembered_listings():
-        dataset = evaluation.distribute_eval_dataset(
-            strategy, lambda **kw: data.build_dataset(exp.data, split="eval",
-                                                      image_size=image_size, **kw),
-            cfg.global_batch_size)
-    attacks = reports.attacks_from_config(cfg)
-    diagnostic = ([reports.large_epsilon_attack(cfg.sanity_epsilon, random_start=cfg.random_start)]
-                  if cfg.sanity_epsilon else [])
-    total = split.num_eval_examples
-    if cfg.max_batches is not None and total is not None:
-        total = min(total, cfg.max_batches * cfg.global_batch_size)
-    print(f"Evaluating {info['name']} ({info['activation']}, {info['source']} "
-          f"{info['path']}, step {info['step']}, {info['weights']} weights) on "
-          f"{exp.data.dataset}: {total if total is not None else 'all'} examples, "
-          f"{len(attacks)} attacks x "
-          f"{cfg.attack_restarts} restarts, {strategy.num_replicas_in_sync} replica(s).",
-          flush=True)
-    bar = reports.ProgressBar(total)
-    result = evaluation.evaluate(model, dataset, attacks, strategy=strategy,
-                                 restarts=cfg.attack_restarts, seed=cfg.seed,
-                                 max_batches=cfg.max_batches, progress=bar,
-                                 diagnostic_attacks=diagnostic)
-    bar.close()
-    given = sorted(k.split(".", 1)[1] for k in overrides
-                   if k.startswith("evaluation.") and k != "evaluation.use_ema")
-    protocol = {
-        "defaults": ("the run's evaluation attack and protocol" if source.experiment is not None
-                     else "sat_tf's evaluation protocol"),
-        "given_by_flags": given,
-        "attack_steps": list(cfg.attack_steps), "attack_epsilons": list(cfg.attack_epsilons),
-        "attack_step_size": cfg.attack_step_size, "attack_restarts": cfg.attack_restarts,
-        "attack_modes": list(cfg.attack_modes), "random_start": cfg.random_start,
-        "sanity_epsilon": cfg.sanity_epsilon, "seed": cfg.seed,
-        "global_batch_size": cfg.global_batch_size, "max_batches": cfg.max_batches,
-        "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
-    }
-    data_info = {"dataset": exp.data.dataset, "data_dir": exp.data.data_dir, "split": "eval",
-                 "examples_in_split": split.num_eval_examples,
-                 "complete": result["examples"] == split.num_eval_examples}
-    return reports.build_report(result, model=info, data=data_info, protocol=protocol,
-                                paper=exp.paper or None)
+    request = robustness.EvalRequest(source, data, protocol, runtime, report=FLAGS.report)
+    request.validate()
+    return request
 
 
 def main(argv):
-    if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}; every option is a --flag.")
+    request = cli.start("eval.py", argv, request_from_flags)
     try:
-        source, exp, overrides, runtime = config_from_flags()
-    except ValueError as e:
-        _fail(str(e))
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from sat_tf import reports
-    try:
-        report = run(source, exp, overrides, runtime)
-    except ValueError as e:
-        _fail(str(e))
+        report = robustness.evaluate(request, log=lambda line: print(line, flush=True))
+    except ValueError as e:   # found only now: no readable checkpoint, data the model misfits
+        cli.fail("eval.py", str(e))
     print(reports.format_table(report), flush=True)
-    path = _report_path(source, report["model"].get("step"))
+    path = request.report_path(report["model"]["step"])
     reports.write_json(report, path)
     print(f"report: {path}", flush=True)
     if FLAGS.strict and report["sanity"] == reports.FAIL:
         sys.exit(1)
-
 
 
 if __name__ == "__main__":

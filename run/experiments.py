@@ -18,7 +18,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from absl import app, flags  # noqa: E402
 
-from sat_tf import experiments  # noqa: E402
+from sat_tf import cli, experiments  # noqa: E402
+from sat_tf.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("filter", None, "list: only presets whose name contains this text.")
@@ -73,10 +74,9 @@ def main(argv):
         elif len(args) >= 2 and args[0] == "results":
             print("\n".join(results_lines(args[1:])))
         else:
-            raise ValueError(f"Invalid arguments {' '.join(args)!r}; {USAGE}.")
+            raise UserError(f"Invalid arguments {' '.join(args)!r}; {USAGE}.")
     except (ValueError, OSError) as e:
-        print(f"experiments.py: error: {e}", file=sys.stderr)
-        return 2
+        cli.fail("experiments.py", str(e))
     return 0
 
 

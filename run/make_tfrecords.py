@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import flags  # noqa: E402
 
 from sat_tf import cli  # noqa: E402
+from sat_tf.errors import UserError  # noqa: E402
 
 flags.DEFINE_string("dataset", None, "imagenet (any class-per-folder tree) or cifar10 (the "
                     "official archive); default: imagenet for a folder, cifar10 for a file.")
@@ -56,72 +57,64 @@ FLAGS = flags.FLAGS
 DATASETS = ("imagenet", "cifar10")
 
 
-def _fail(message: str) -> None:
-    cli.fail("make_tfrecords.py", message)
-
-
-
-def _checked():
-    """Validates the flags (one-line ValueError) and returns the converter's keyword arguments."""
+def _checked() -> tuple[str, dict]:
+    """Validates the flags (one-line UserError); returns the dataset and the converter's keyword
+    arguments."""
     if FLAGS.dataset is not None and FLAGS.dataset not in DATASETS:
-        raise ValueError(f"Invalid --dataset {FLAGS.dataset!r}; valid choices: "
-                         f"{', '.join(DATASETS)}.")
+        raise UserError(f"Invalid --dataset {FLAGS.dataset!r}; valid choices: "
+                        f"{', '.join(DATASETS)}.")
     if not FLAGS.input:
-        raise ValueError("--input is required.")
+        raise UserError("--input is required.")
     if not FLAGS.output_dir:
-        raise ValueError("--output_dir is required.")
+        raise UserError("--output_dir is required.")
     for name in ("train_shards", "validation_shards", "num_workers"):
         v = getattr(FLAGS, name)
         if v is not None and v < 1:
-            raise ValueError(f"Invalid --{name} {v}; it must be >= 1.")
+            raise UserError(f"Invalid --{name} {v}; it must be >= 1.")
     if "://" not in FLAGS.input and not os.path.exists(FLAGS.input):
-        raise ValueError(f"--input {FLAGS.input!r} does not exist.")
-    if FLAGS.dataset is None and "://" not in FLAGS.input:
-        FLAGS.dataset = "imagenet" if os.path.isdir(FLAGS.input) else "cifar10"
-    if FLAGS.dataset is None:
-        raise ValueError(f"Give --dataset ({', '.join(DATASETS)}) for --input {FLAGS.input!r}.")
+        raise UserError(f"--input {FLAGS.input!r} does not exist.")
+    dataset = FLAGS.dataset
+    if dataset is None and "://" not in FLAGS.input:
+        dataset = "imagenet" if os.path.isdir(FLAGS.input) else "cifar10"
+    if dataset is None:
+        raise UserError(f"Give --dataset ({', '.join(DATASETS)}) for --input {FLAGS.input!r}.")
     import tensorflow as tf
 
     if not tf.io.gfile.exists(FLAGS.input):
-        raise ValueError(f"--input {FLAGS.input!r} does not exist.")
+        raise UserError(f"--input {FLAGS.input!r} does not exist.")
     common = dict(num_workers=FLAGS.num_workers, progress=FLAGS.progress)
-    if FLAGS.dataset == "imagenet":
+    if dataset == "imagenet":
         if not tf.io.gfile.isdir(FLAGS.input):
-            raise ValueError(f"--input {FLAGS.input!r} must be a folder for --dataset=imagenet.")
+            raise UserError(f"--input {FLAGS.input!r} must be a folder for --dataset=imagenet.")
         if FLAGS.validation_labels and not tf.io.gfile.exists(FLAGS.validation_labels):
-            raise ValueError(f"--validation_labels {FLAGS.validation_labels!r} does not exist.")
+            raise UserError(f"--validation_labels {FLAGS.validation_labels!r} does not exist.")
         if FLAGS.train_shards is not None:
             common["train_shards"] = FLAGS.train_shards
         if FLAGS.validation_shards is not None:
             common["validation_shards"] = FLAGS.validation_shards
-        return dict(common, validation_labels=FLAGS.validation_labels,
-                    synset_texts=FLAGS.synset_texts)
+        return dataset, dict(common, validation_labels=FLAGS.validation_labels,
+                             synset_texts=FLAGS.synset_texts)
     for name in ("validation_labels", "synset_texts"):
         if getattr(FLAGS, name):
-            raise ValueError(f"--{name} applies to --dataset=imagenet only.")
+            raise UserError(f"--{name} applies to --dataset=imagenet only.")
     try:
         train, test = (int(c) for c in FLAGS.cifar_counts)
     except ValueError:
-        raise ValueError(f"Invalid --cifar_counts {','.join(FLAGS.cifar_counts)!r}; expected "
-                         "two integers TRAIN,TEST.") from None
+        raise UserError(f"Invalid --cifar_counts {','.join(FLAGS.cifar_counts)!r}; expected "
+                        "two integers TRAIN,TEST.") from None
     if FLAGS.train_shards is not None:
         common["train_shards"] = FLAGS.train_shards
     if FLAGS.validation_shards is not None:
         common["test_shards"] = FLAGS.validation_shards
-    return dict(common, expected_counts={"train": train, "test": test})
+    return dataset, dict(common, expected_counts={"train": train, "test": test})
 
 
 def main(argv):
-    if len(argv) > 1:
-        _fail(f"unexpected arguments {' '.join(argv[1:])!r}.")
-    try:
-        kwargs = _checked()
-    except ValueError as e:
-        _fail(str(e))
+    dataset, kwargs = cli.start("make_tfrecords.py", argv, _checked)
     from sat_tf.data import convert
 
     run = {"imagenet": convert.convert_imagenet_tree,
-           "cifar10": convert.convert_cifar10_archive}[FLAGS.dataset]
+           "cifar10": convert.convert_cifar10_archive}[dataset]
     result = run(FLAGS.input, FLAGS.output_dir, **kwargs)  # bad input data: cli exits 1
     print(result.summary(FLAGS.output_dir))
 

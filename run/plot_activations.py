@@ -15,8 +15,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from absl import flags  # noqa: E402
 
-from sat_tf import cli  # noqa: E402
-from sat_tf import names  # noqa: E402
+from sat_tf import cli, names, plots  # noqa: E402
+from sat_tf.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("activations", ["relu", "parametric_softplus", "softplus", "smooth_relu",
@@ -29,25 +29,19 @@ flags.DEFINE_float("x_max", 4.0, "Right end of the x axis.")
 flags.DEFINE_integer("dpi", 100, "PNG resolution.")
 
 
-def _fail(message: str) -> None:
-    cli.fail("plot_activations.py", message)
+def activations_from_flags() -> list[str]:
+    """The activations to draw, canonical names; the other flags checked (TF-free)."""
+    acts = [names.activation(a) for a in FLAGS.activations]
+    if not acts:
+        raise UserError("Give at least one activation.")
+    if not FLAGS.x_min < FLAGS.x_max:
+        raise UserError(f"Invalid x range [{FLAGS.x_min}, {FLAGS.x_max}].")
+    plots.check_formats(FLAGS.formats)
+    return acts
 
 
 def main(argv):
-    if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}; every option is a --flag.")
-    try:
-        acts = [names.activation(a) for a in FLAGS.activations]
-        if not acts:
-            raise ValueError("Give at least one activation.")
-        if not FLAGS.x_min < FLAGS.x_max:
-            raise ValueError(f"Invalid x range [{FLAGS.x_min}, {FLAGS.x_max}].")
-        for fmt in FLAGS.formats:
-            if fmt not in ("png", "pdf", "svg"):
-                raise ValueError(f"Invalid figure format {fmt!r}; valid formats: png, pdf, svg.")
-    except ValueError as e:
-        _fail(str(e))
-    from sat_tf import plots
+    acts = cli.start("plot_activations.py", argv, activations_from_flags)
     paths = plots.plot_activations(FLAGS.output, acts, x_range=(FLAGS.x_min, FLAGS.x_max),
                                    formats=FLAGS.formats, dpi=FLAGS.dpi)
     print("wrote " + ", ".join(paths))

@@ -12,7 +12,6 @@ model's evaluation split (--dataset / --data_dir override it). Models come from 
 """
 from __future__ import annotations
 
-import os
 import pathlib
 import sys
 
@@ -20,9 +19,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from absl import flags  # noqa: E402
 
-from sat_tf import cli  # noqa: E402
-from sat_tf import loading  # noqa: E402
+from sat_tf import cli, loading  # noqa: E402
 from sat_tf.config import DATASETS, Experiment  # noqa: E402
+from sat_tf.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("model_dirs", [], "Training runs to plot, side by side.")
@@ -42,24 +41,20 @@ flags.DEFINE_string("output", "landscape", "Output path without extension.")
 flags.DEFINE_list("formats", ["png", "pdf"], "Figure formats: png, pdf, svg.")
 
 
-def _fail(message: str) -> None:
-    cli.fail("plot_landscape.py", message)
-
-
 def check_flags():
     """TF-free: the resolved sources and the data config of the example."""
     sources = [loading.resolve(model_dir=d, use_ema=FLAGS.use_ema) for d in FLAGS.model_dirs]
     sources += [loading.resolve(saved_model=d) for d in FLAGS.saved_models]
     if not sources:
-        raise ValueError("Give --model_dirs and/or --saved_models.")
+        raise UserError("Give --model_dirs and/or --saved_models.")
     if FLAGS.labels is not None and len(FLAGS.labels) != len(sources):
-        raise ValueError(f"--labels has {len(FLAGS.labels)} entries for {len(sources)} models.")
+        raise UserError(f"--labels has {len(FLAGS.labels)} entries for {len(sources)} models.")
     if FLAGS.example < 0:
-        raise ValueError(f"Invalid --example {FLAGS.example}; it must be >= 0.")
+        raise UserError(f"Invalid --example {FLAGS.example}; it must be >= 0.")
     if not FLAGS.radius > 0:
-        raise ValueError(f"Invalid --radius {FLAGS.radius}; it must be > 0.")
+        raise UserError(f"Invalid --radius {FLAGS.radius}; it must be > 0.")
     if FLAGS.resolution < 2:
-        raise ValueError(f"Invalid --resolution {FLAGS.resolution}; it must be >= 2.")
+        raise UserError(f"Invalid --resolution {FLAGS.resolution}; it must be >= 2.")
     exp = sources[0].experiment or Experiment()
     overrides = {k: v for k, v in (("data.dataset", FLAGS.dataset),
                                    ("data.data_dir", FLAGS.data_dir)) if v is not None}
@@ -69,34 +64,28 @@ def check_flags():
 
 
 def main(argv):
-    if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}; every option is a --flag.")
-    try:
-        sources, data_cfg = check_flags()
-    except ValueError as e:
-        _fail(str(e))
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sources, data_cfg = cli.start("plot_landscape.py", argv, check_flags)
     from sat_tf import data, plots
     loaded = [loading.load(s) for s in sources]
-    sizes = {info["image_size"] for _, info in loaded}
+    sizes = {m.image_size for m in loaded}
     if len(sizes) != 1:
-        _fail(f"The models take different image sizes {sorted(sizes)}; the landscapes need one "
-              "input.")
+        cli.fail("plot_landscape.py", f"The models take different image sizes {sorted(sizes)}; "
+                 "the landscapes need one input.")
     size = sizes.pop()
     n = data.info(data_cfg).num_eval_examples
     if FLAGS.example >= n:
-        _fail(f"Invalid --example {FLAGS.example}; the evaluation split has {n} examples.")
+        cli.fail("plot_landscape.py", f"Invalid --example {FLAGS.example}; the evaluation split "
+                 f"has {n} examples.")
     batch = 64
     ds = data.build_dataset(data_cfg, split="eval", batch_size=batch, image_size=size)
     images, labels, _ = next(iter(ds.skip(FLAGS.example // batch)))
     image, label = images[FLAGS.example % batch], int(labels[FLAGS.example % batch])
     panels = []
-    for i, (model, info) in enumerate(loaded):
-        land = plots.loss_landscape(model, image, label, radius=FLAGS.radius,
+    for i, m in enumerate(loaded):
+        land = plots.loss_landscape(m.model, image, label, radius=FLAGS.radius,
                                     resolution=FLAGS.resolution, seed=FLAGS.seed)
         title = FLAGS.labels[i] if FLAGS.labels else (
-            f"{info['name']} {plots.LABELS.get(info['activation'], info['activation'])}")
+            f"{m.name} {plots.LABELS.get(m.activation, m.activation)}")
         mid = FLAGS.resolution // 2
         print(f"{title}: loss at the example {land['loss'][mid, mid]:.4f}, max "
               f"{land['loss'].max():.4f}, along +adversarial edge "

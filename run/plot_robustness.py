@@ -19,8 +19,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from absl import flags  # noqa: E402
 
-from sat_tf import cli  # noqa: E402
-from sat_tf import experiments, reports  # noqa: E402
+from sat_tf import cli, plots, reports  # noqa: E402
+from sat_tf.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("reports", [], "Evaluation reports (JSON; globs allowed).")
@@ -33,49 +33,31 @@ flags.DEFINE_string("title", "Accuracy vs robustness", "Figure title.")
 flags.DEFINE_list("formats", ["png", "pdf"], "Figure formats: png, pdf, svg.")
 
 
-def _fail(message: str) -> None:
-    cli.fail("plot_robustness.py", message)
-
-
-def paper_points(prefixes, exclude=()) -> list[dict]:
-    """The paper's (clean, robust) of every preset starting with one of ``prefixes``."""
-    points = []
-    for prefix in prefixes:
-        matched = [n for n in experiments.names() if n.startswith(prefix)]
-        if not matched:
-            raise ValueError(f"No preset name starts with {prefix!r} (see run/experiments.py "
-                             "list).")
-        for name in matched:
-            paper = experiments.get(name).paper
-            if name in exclude or paper.get("clean") is None or paper.get("robust") is None:
-                continue
-            points.append({"label": name[len(prefix):] or name, "clean": paper["clean"],
-                           "robust": paper["robust"]})
-    return points
+def points_from_flags() -> tuple[list[dict], list[dict]]:
+    """(our points from the reports, the paper's further points), checked (TF-free)."""
+    paths = []
+    for pattern in FLAGS.reports:
+        found = sorted(glob.glob(pattern))
+        if not found:
+            raise UserError(f"No report matches {pattern!r}.")
+        paths += found
+    if FLAGS.labels is not None and len(FLAGS.labels) != len(paths):
+        raise UserError(f"--labels has {len(FLAGS.labels)} entries for {len(paths)} reports.")
+    try:
+        loaded = [reports.read_json(p) for p in paths]
+    except OSError as e:   # unreadable: one line like a bad value
+        raise UserError(str(e)) from None
+    ours = [plots.report_point(r, FLAGS.labels[i] if FLAGS.labels else None)
+            for i, r in enumerate(loaded)]
+    extra = plots.paper_points(FLAGS.paper,
+                               exclude={r["model"].get("experiment_name") for r in loaded})
+    if not ours and not extra:
+        raise UserError("Nothing to plot: give --reports and/or --paper.")
+    return ours, extra
 
 
 def main(argv):
-    if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}; every option is a --flag.")
-    try:
-        paths = []
-        for pattern in FLAGS.reports:
-            found = sorted(glob.glob(pattern))
-            if not found:
-                raise ValueError(f"No report matches {pattern!r}.")
-            paths += found
-        if FLAGS.labels is not None and len(FLAGS.labels) != len(paths):
-            raise ValueError(f"--labels has {len(FLAGS.labels)} entries for {len(paths)} reports.")
-        loaded = [reports.read_json(p) for p in paths]
-        ours = [plots_point(r, FLAGS.labels[i] if FLAGS.labels else None)
-                for i, r in enumerate(loaded)]
-        extra = paper_points(FLAGS.paper,
-                             exclude={r["model"].get("experiment_name") for r in loaded})
-        if not ours and not extra:
-            raise ValueError("Nothing to plot: give --reports and/or --paper.")
-    except (ValueError, OSError) as e:
-        _fail(str(e))
-    from sat_tf import plots
+    ours, extra = cli.start("plot_robustness.py", argv, points_from_flags)
     written = plots.plot_robustness(ours, FLAGS.output, paper_points=extra, title=FLAGS.title,
                                     formats=FLAGS.formats)
     for p in ours:
@@ -83,11 +65,6 @@ def main(argv):
                  if p["paper_clean"] is not None and p["paper_robust"] is not None else "")
         print(f"{p['label']}: clean {p['clean']:.1f} / robust {p['robust']:.1f}{paper}")
     print("wrote " + ", ".join(written))
-
-
-def plots_point(report, label):
-    from sat_tf import plots
-    return plots.report_point(report, label)
 
 
 if __name__ == "__main__":

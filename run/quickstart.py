@@ -19,9 +19,10 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from absl import flags, logging  # noqa: E402
+from absl import flags  # noqa: E402
 
 from sat_tf import cli, experiments, names  # noqa: E402
+from sat_tf.errors import UserError  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "Parent folder of the runs (one sub-folder per preset).")
@@ -31,18 +32,14 @@ flags.DEFINE_bool("baseline", False, "Also train the first activation without at
 flags.DEFINE_integer("train_epochs", None, "Epochs per run (default: the presets' 15).")
 
 
-def _fail(message: str) -> None:
-    cli.fail("quickstart.py", message)
-
-
 def runs_from_flags() -> list:
     """``[(label, experiment)]`` to train, validated (TF-free)."""
     if not FLAGS.model_dir:
-        raise ValueError("--model_dir is required (the runs go in sub-folders of it).")
+        raise UserError("--model_dir is required (the runs go in sub-folders of it).")
     if not FLAGS.activations:
-        raise ValueError("Invalid --activations ''; give at least one, e.g. relu,silu.")
+        raise UserError("Invalid --activations ''; give at least one, e.g. relu,silu.")
     if FLAGS.train_epochs is not None and FLAGS.train_epochs <= 0:
-        raise ValueError(f"Invalid --train_epochs {FLAGS.train_epochs}; it must be > 0.")
+        raise UserError(f"Invalid --train_epochs {FLAGS.train_epochs}; it must be > 0.")
     runs = []
     plan = [(a, True) for a in FLAGS.activations]
     if FLAGS.baseline:
@@ -64,16 +61,7 @@ def runs_from_flags() -> list:
 
 
 def main(argv):
-    if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}; every option is a --flag.")
-    try:
-        runs = runs_from_flags()
-    except ValueError as e:
-        _fail(str(e))
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    runs = cli.start("quickstart.py", argv, runs_from_flags, quiet_logging=True)
     from sat_tf import training
 
     rows = []

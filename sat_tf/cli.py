@@ -1,8 +1,8 @@
-"""What every ``run/*.py`` program shares: one-line errors instead of tracebacks.
+"""What every ``run/*.py`` program shares: its start, and one-line errors instead of tracebacks.
 
 * Flag errors (unknown flag, a value of the wrong type) and bad values found by
   ``sat_tf.config`` / ``sat_tf.names`` exit with status 2 and one line, before TensorFlow is
-  imported: :func:`fail`, and :func:`run`'s flag parser.
+  imported: :func:`run`'s flag parser, and :func:`start`, the first line of every ``main``.
 * Problems with the user's input found while running (a data folder without shards, a corrupt
   record, a dataset that cannot be downloaded, a checkpoint that does not exist) exit with
   status 1 and one line naming what was wrong: :func:`run` catches them around ``main``.
@@ -12,7 +12,8 @@
   Anything else is a bug in sat-tf and keeps its traceback; so does everything when the
   environment variable ``SAT_TF_TRACEBACK=1`` is set.
 
-This module reads no flags itself and imports no TensorFlow.
+This module reads no program flags (only absl's ``--verbosity``, in :func:`start`) and
+imports no TensorFlow.
 """
 from __future__ import annotations
 
@@ -20,10 +21,13 @@ import json
 import os
 import re
 import sys
+from typing import Callable, Sequence, TypeVar
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from sat_tf import install
+
+T = TypeVar("T")
 
 
 def fail(program: str, message: str, status: int = 2):
@@ -31,6 +35,41 @@ def fail(program: str, message: str, status: int = 2):
     first = str(message).strip().splitlines()[0] if str(message).strip() else "failed"
     print(f"{program}: error: {first}", file=sys.stderr, flush=True)
     sys.exit(status)
+
+
+def start(program: str, argv: Sequence[str], configure: Callable[[], T], *,
+          quiet_logging: bool = False) -> T:
+    """The start of a program's ``main``, up to the point where TensorFlow may be imported.
+
+    1. Positional arguments are refused in one line, exit status 2 (every option is a --flag).
+    2. TensorFlow's C++ INFO and WARNING lines are turned off (``TF_CPP_MIN_LOG_LEVEL=2``,
+       unless the environment sets it); with ``quiet_logging``, absl logs warnings and errors
+       only, unless ``--verbosity`` was given (TensorFlow's INFO lines drown the program's own
+       output).
+    3. ``configure()`` turns the flags into config objects; a ValueError it raises (a bad flag
+       value) ends the program in one line, exit status 2. It imports no TensorFlow, so bad
+       values fail in well under a second (unless it must ask TensorFlow's file system about a
+       remote path, after the local checks).
+
+    Returns what ``configure`` returned; TensorFlow is imported after this call::
+
+        def main(argv):
+            exp = cli.start("train.py", argv, experiment_from_flags, quiet_logging=True)
+            from sat_tf import distribute, training   # only now TensorFlow
+            ...
+
+        if __name__ == "__main__":
+            cli.run(main, "train.py")
+    """
+    if len(argv) > 1:
+        fail(program, f"unexpected arguments {list(argv[1:])}; every option is a --flag.")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if quiet_logging and not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    try:
+        return configure()
+    except ValueError as e:
+        fail(program, str(e))
 
 
 _TASK = re.compile(r"/job:(\w+)/replica:\d+/task:(\d+)")

@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from sat_tf import attacks as attacks_lib
 from sat_tf.config import AttackConfig
+from sat_tf.errors import UserError
 
 
 def _call(model, images):
@@ -206,7 +207,7 @@ class Evaluator:
             if progress is not None:
                 progress(batches, int(round(float(totals[0]))))
         if totals is None:
-            raise ValueError("The evaluation dataset is empty.")
+            raise UserError("The evaluation dataset is empty.")
         return self._result(totals, batches, time.time() - start)
 
     def _result(self, totals, batches: int, seconds: float) -> dict:

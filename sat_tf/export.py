@@ -25,9 +25,14 @@ The metadata is also written as the asset ``assets/sat_tf_export.json``.
 The export is written to a hidden sibling folder and renamed into place when complete, so a
 failed write (disk full, quota, permissions) leaves no partial export and any previous export
 intact.
+
+:func:`export_saved_model` exports any Keras model; :func:`export_run` a training run (what
+``run/export.py`` does), recording where it came from (:func:`run_metadata`) and serving the
+run's own evaluation preprocessing (:func:`run_preprocessing`).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import errno
 import json
@@ -38,7 +43,10 @@ import uuid
 import keras
 import tensorflow as tf
 
+from sat_tf import data, loading
+from sat_tf.config import Experiment
 from sat_tf.data import imagenet
+from sat_tf.errors import UserError
 
 SERVING_SIGNATURE = "serving_default"
 ENCODED_SIGNATURE = "serving_encoded"
@@ -197,29 +205,14 @@ def _is_remote(path: str) -> bool:
 
 def is_export(path: str) -> bool:
     """Whether ``path`` holds a sat_tf export (``saved_model.pb`` and the metadata asset)."""
-    return (tf.io.gfile.exists(os.path.join(path, "saved_model.pb"))
-            and tf.io.gfile.exists(os.path.join(path, "assets", METADATA_ASSET)))
+    return loading.is_export(path, tf.io.gfile)
 
 
 def check_export_dir(export_dir: str, overwrite: bool = False) -> bool:
-    """Raises a one-line ValueError unless ``export_dir`` is absent, an empty folder, or (with
-    ``overwrite``) a previous sat_tf export. Returns whether a previous export will be
-    replaced. Anything else is never replaced: a mistyped path must not delete a training run.
-    """
-    if not tf.io.gfile.exists(export_dir):
-        return False
-    if not tf.io.gfile.isdir(export_dir):
-        raise ValueError(f"Export folder {export_dir!r} is a file; choose a new folder.")
-    if not tf.io.gfile.listdir(export_dir):
-        return False
-    if not overwrite:
-        raise ValueError(f"Export folder {export_dir!r} exists and is not empty; choose a new "
-                         "one, or overwrite it if it is a previous export (--overwrite).")
-    if not is_export(export_dir):
-        raise ValueError(f"Export folder {export_dir!r} is not empty and holds no sat_tf export "
-                         f"(saved_model.pb and assets/{METADATA_ASSET}); only a previous export "
-                         "is overwritten.")
-    return True
+    """Raises a one-line :class:`~sat_tf.errors.UserError` unless ``export_dir`` is absent, an
+    empty folder, or (with ``overwrite``) a previous sat_tf export; local or remote. Returns
+    whether a previous export will be replaced (``loading.check_export_dir``'s rules)."""
+    return loading.check_export_dir(export_dir, overwrite, tf.io.gfile)
 
 
 # The reasons a write fails, as the OS words them; TensorFlow's errors quote them
@@ -314,7 +307,8 @@ def export_saved_model(model: keras.Model, export_dir: str, *, metadata: dict | 
       export_dir.
 
     Raises:
-      ValueError: a bad argument, or ``export_dir`` is taken.
+      ValueError: a bad argument.
+      UserError: ``export_dir`` is taken.
       ExportError: the write failed (one line: the folder and the OS reason).
     """
     shape = tuple(model.inputs[0].shape) if getattr(model, "inputs", None) else ()
@@ -384,12 +378,12 @@ class ServingModel:
 
     def __init__(self, export_dir: str):
         if not tf.io.gfile.exists(os.path.join(export_dir, "saved_model.pb")):
-            raise ValueError(f"No SavedModel in {export_dir!r} (saved_model.pb not found).")
+            raise UserError(f"No SavedModel in {export_dir!r} (saved_model.pb not found).")
         self.export_dir = export_dir
         self.loaded = tf.saved_model.load(export_dir)
         missing = {SERVING_SIGNATURE, METADATA_SIGNATURE} - set(self.loaded.signatures)
         if missing:
-            raise ValueError(f"{export_dir!r} is not a sat_tf export (missing signatures "
+            raise UserError(f"{export_dir!r} is not a sat_tf export (missing signatures "
                              f"{sorted(missing)}).")
         self._serve = self.loaded.signatures[SERVING_SIGNATURE]
         self.metadata = json.loads(
@@ -413,3 +407,59 @@ class ServingModel:
 def load(export_dir: str) -> ServingModel:
     """Loads an export written by :func:`export_saved_model`."""
     return ServingModel(export_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# A training run's export
+
+def run_metadata(loaded: loading.LoadedModel) -> dict:
+    """What the export of a training run records about where it came from: the model, the
+    training step and weights, the checkpoint, the run's whole experiment and paper numbers."""
+    experiment = loaded.experiment
+    return {"model": loaded.name, "activation": loaded.activation,
+            "normalization": experiment.model.normalization, "step": loaded.step,
+            "weights": loaded.weights, "checkpoint": loaded.checkpoint,
+            "experiment_name": experiment.name, "experiment": experiment.to_dict(),
+            "paper": experiment.paper}
+
+
+def run_preprocessing(experiment: Experiment) -> str:
+    """The run's recorded preprocessing (runs from before it was recorded: the dataset's
+    default, as those runs evaluated)."""
+    return experiment.data.preprocessing or data.default_preprocessing(
+        experiment.data.dataset, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Exported:
+    """What :func:`export_run` wrote."""
+    loaded: loading.LoadedModel      # the model exported and its facts
+    export_dir: str
+    replaced: bool                   # a previous export was overwritten
+
+    def summary(self) -> str:
+        """One line naming the model, where it came from, where it went and the signatures."""
+        m = self.loaded
+        return (f"Exported {m.name} ({m.activation}, step {m.step}, {m.weights} weights, "
+                f"{m.image_size}x{m.image_size}, {m.num_classes} classes) from {m.checkpoint} "
+                f"to {self.export_dir}"
+                f"{' (replacing the previous export)' if self.replaced else ''}; "
+                f"signatures: {SERVING_SIGNATURE}, {ENCODED_SIGNATURE}, {METADATA_SIGNATURE}.")
+
+
+def export_run(source: loading.Source, export_dir: str, *, overwrite: bool = False) -> Exported:
+    """Loads a training run (``source`` from ``loading.resolve(model_dir=...)``: its latest or
+    given checkpoint, EMA weights as the source says) and exports it with
+    :func:`export_saved_model`, recording :func:`run_metadata` and serving the run's
+    evaluation preprocessing.
+
+    Raises:
+      ValueError: the run holds no readable checkpoint, or ``export_dir`` is taken (one line).
+      ExportError: the write failed; nothing partial is left behind.
+    """
+    loaded = loading.load(source)
+    replaced = overwrite and is_export(export_dir)
+    export_saved_model(loaded.model, export_dir, image_size=loaded.image_size,
+                       metadata=run_metadata(loaded), overwrite=overwrite,
+                       preprocessing=run_preprocessing(loaded.experiment))
+    return Exported(loaded, export_dir, replaced)

@@ -1,8 +1,9 @@
 """The paper's figures (matplotlib, Agg backend; PNG and PDF).
 
 * :func:`plot_activations`: activation functions and their first derivatives (Figures 1, 2).
-* :func:`plot_robustness`: accuracy against robustness from evaluation reports, with the
-  paper's numbers beside ours (Figures 3, 4).
+* :func:`plot_robustness`: accuracy against robustness from evaluation reports
+  (:func:`report_point`), with the paper's numbers beside ours (:func:`paper_points`)
+  (Figures 3, 4).
 * :func:`loss_landscape` / :func:`plot_landscapes`: the loss around an input along the
   adversarial (gradient-sign) direction and a random sign direction, for models side by side
   (Figure 5).
@@ -16,6 +17,9 @@ import os
 from typing import Sequence
 
 import numpy as np
+
+from sat_tf import experiments
+from sat_tf.errors import UserError
 
 FORMATS = ("png", "pdf")
 FIGURE3_ACTIVATIONS = ("relu", "parametric_softplus", "softplus", "smooth_relu", "elu", "gelu",
@@ -32,11 +36,16 @@ def _pyplot():
     return plt
 
 
-def save(fig, stem: str, formats: Sequence[str] = FORMATS, dpi: int = 100) -> list[str]:
-    """Writes ``stem.png``, ``stem.pdf`` ... and closes the figure; returns the paths."""
+def check_formats(formats: Sequence[str]) -> None:
+    """A one-line UserError unless every format is png, pdf or svg."""
     for fmt in formats:
         if fmt not in ("png", "pdf", "svg"):
-            raise ValueError(f"Invalid figure format {fmt!r}; valid formats: png, pdf, svg.")
+            raise UserError(f"Invalid figure format {fmt!r}; valid formats: png, pdf, svg.")
+
+
+def save(fig, stem: str, formats: Sequence[str] = FORMATS, dpi: int = 100) -> list[str]:
+    """Writes ``stem.png``, ``stem.pdf`` ... and closes the figure; returns the paths."""
+    check_formats(formats)
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
     paths = []
     for fmt in formats:
@@ -101,6 +110,26 @@ def report_point(report: dict, label: str | None = None) -> dict:
         "clean": 100.0 * report["clean_top1"], "robust": 100.0 * report["robust"],
         "paper_clean": paper.get("clean"), "paper_robust": paper.get("robust"),
     }
+
+
+def paper_points(prefixes: Sequence[str], exclude=()) -> list[dict]:
+    """The paper's ``{"label", "clean", "robust"}`` of every preset whose name starts with one
+    of ``prefixes`` (labelled by the rest of the name) and has both numbers, except the presets
+    named in ``exclude`` (our runs of them carry their paper numbers). A prefix that no preset
+    name starts with is a UserError."""
+    points = []
+    for prefix in prefixes:
+        matched = [n for n in experiments.names() if n.startswith(prefix)]
+        if not matched:
+            raise UserError(f"No preset name starts with {prefix!r} (see run/experiments.py "
+                            "list).")
+        for name in matched:
+            paper = experiments.get(name).paper
+            if name in exclude or paper.get("clean") is None or paper.get("robust") is None:
+                continue
+            points.append({"label": name[len(prefix):] or name, "clean": paper["clean"],
+                           "robust": paper["robust"]})
+    return points
 
 
 def plot_robustness(points: Sequence[dict], stem: str, *, paper_points: Sequence[dict] = (),

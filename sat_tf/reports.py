@@ -32,6 +32,7 @@ from collections import defaultdict
 from typing import Sequence
 
 from sat_tf.config import AttackConfig, EvalConfig
+from sat_tf.errors import UserError
 
 FORMAT = "sat_tf.evaluation.report/1"
 PASS, WARN, FAIL, SKIPPED = "pass", "warn", "fail", "skipped"
@@ -58,7 +59,7 @@ def large_epsilon_attack(epsilon: float = LARGE_EPSILON, num_steps: int = LARGE_
     """The ``large_epsilon`` check's attack: step 2.5 epsilon / steps, so PGD can cross the
     whole ball (Madry et al.'s rule)."""
     if not epsilon > 0:
-        raise ValueError(f"Invalid sanity-check epsilon {epsilon!r}; it must be > 0.")
+        raise UserError(f"Invalid sanity-check epsilon {epsilon!r}; it must be > 0.")
     return AttackConfig(epsilon=float(epsilon), step_size=2.5 * float(epsilon) / num_steps,
                         num_steps=num_steps, random_start=random_start, clean_start_prob=0.0)
 
@@ -229,8 +230,8 @@ def read_json(path: str) -> dict:
     with _open(path, "r") as f:
         report = json.load(f)
     if report.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a sat_tf evaluation report (format "
-                         f"{report.get('format')!r}, expected {FORMAT!r}).")
+        raise UserError(f"{path} is not a sat_tf evaluation report (format "
+                        f"{report.get('format')!r}, expected {FORMAT!r}).")
     return report
 
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sat_tf import export, loading, rundir, training
-from sat_tf.config import (AttackConfig, DataConfig, EvalConfig, Experiment, ModelConfig,
-                           TrainConfig)
+from sat_tf import export, loading, reports, robustness, rundir, training
+from sat_tf.config import (AttackConfig, DataConfig, EvalConfig, Experiment, LoopConfig,
+                           ModelConfig, ScheduleConfig, TrainConfig)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EVAL = str(ROOT / "run" / "eval.py")
@@ -34,9 +34,9 @@ def run_dir(tmp_path_factory):
         train_attack=AttackConfig(epsilon=4.0, step_size=4.0, num_steps=1),
         eval_attack=AttackConfig(epsilon=4.0, step_size=1.0, num_steps=1, clean_start_prob=0.0),
         train=TrainConfig(global_batch_size=32, train_steps=6, train_epochs=None,
-                          steps_per_loop=3, ema_decay=0.5, warmup_epochs=0.0,
-                          base_learning_rate=0.4, eval_steps=1, eval_batch_size=8,
-                          summary_images=0),
+                          ema_decay=0.5),
+        schedule=ScheduleConfig(warmup_epochs=0.0, base_learning_rate=0.4),
+        loop=LoopConfig(steps_per_loop=3, eval_steps=1, eval_batch_size=8, summary_images=0),
         evaluation=EvalConfig(attack_steps=(1, 3), attack_epsilons=(4.0, 8.0),
                               attack_step_size=2.0, global_batch_size=16),
         paper={"source": "test", "clean": 50.0, "robust": 25.0, "robust_attack": "PGD-3"},
@@ -149,12 +149,41 @@ def test_checkpoint_export_and_saved_model_give_the_same_report(run_dir, tmp_pat
     assert b["model"]["path"] == export_dir and "saved_model" in saved_out
 
 
+def test_evaluate_in_process(run_dir):
+    """The library call behind run/eval.py: the run's protocol with its own attack's step size,
+    the given values named, one line logged, the report's default place in the run."""
+    protocol = robustness.ProtocolOverrides(attack_steps=(2,), random_start=False,
+                                            sanity_epsilon=0.0)
+    request = robustness.EvalRequest(loading.resolve(model_dir=run_dir), protocol=protocol)
+    lines = []
+    report = robustness.evaluate(request, log=lines.append)
+    assert lines == [f"Evaluating wrn-10-1 (silu, checkpoint {run_dir}, step 6, ema weights) on "
+                     f"synthetic: {EVAL_EXAMPLES} examples, 2 attacks x 1 restarts, 1 replica(s)."]
+    assert report["format"] == reports.FORMAT and report["examples"] == EVAL_EXAMPLES
+    assert [(a["config"]["num_steps"], a["config"]["epsilon"], a["config"]["step_size"])
+            for a in report["attacks"]] == [(2, 4.0, 1.0), (2, 8.0, 1.0)]
+    assert report["diagnostic_attacks"] == []
+    assert report["protocol"]["defaults"] == "the run's evaluation attack and protocol"
+    assert report["protocol"]["given_by_flags"] == ["attack_steps", "random_start",
+                                                    "sanity_epsilon"]
+    assert report["protocol"]["global_batch_size"] == 16     # the run's, not the default 128
+    assert report["model"]["source"] == "checkpoint" and report["paper"]["clean"] == 50.0
+    assert request.report_path(report["model"]["step"]) == os.path.join(
+        run_dir, "eval_report_step6.json")
+
+
 def test_noema_loads_the_raw_weights(run_dir):
-    ema_model, ema_info = loading.load(loading.resolve(model_dir=run_dir))
-    raw_model, raw_info = loading.load(loading.resolve(model_dir=run_dir, use_ema=False))
-    assert (ema_info["weights"], raw_info["weights"]) == ("ema", "raw")
-    assert ema_info["step"] == raw_info["step"] == 6
-    diffs = [np.abs(a - b).max() for a, b in zip(ema_model.get_weights(), raw_model.get_weights())]
+    ema_source = loading.resolve(model_dir=run_dir)
+    ema = loading.load(ema_source)
+    raw = loading.load(loading.resolve(model_dir=run_dir, use_ema=False))
+    assert (ema.weights, raw.weights) == ("ema", "raw")
+    assert ema.step == raw.step == 6
+    assert ema.experiment == ema_source.experiment and ema.checkpoint.endswith("ckpt-6")
+    assert ema.describe() == {
+        "name": "wrn-10-1", "activation": "silu", "step": 6, "weights": "ema",
+        "checkpoint": ema.checkpoint, "experiment_name": "cli-test", "image_size": 16,
+        "num_classes": 10, "source": "checkpoint", "path": run_dir}
+    diffs = [np.abs(a - b).max() for a, b in zip(ema.model.get_weights(), raw.model.get_weights())]
     assert max(diffs) > 1e-4
 
 

@@ -23,7 +23,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from sat_tf import activations, attacks, data, evaluation, export, rundir
+from sat_tf import activations, attacks, data, evaluation, export, loading, rundir
 from sat_tf.config import AttackConfig, DataConfig, Experiment, ModelConfig
 
 SIZE = 16
@@ -446,6 +446,51 @@ def run_dir(tmp_path_factory):
     tf.train.CheckpointManager(checkpoint, str(model_dir), 1,
                                checkpoint_name=rundir.CHECKPOINT_PREFIX).save(3)
     return str(model_dir)
+
+
+def test_export_run_records_where_the_model_came_from(run_dir, tmp_path):
+    """The library call behind run/export.py: the run's latest checkpoint, with its experiment
+    and its evaluation preprocessing (synthetic data: the whole image) in the metadata, and one
+    summary line; exporting again with overwrite replaces it."""
+    source = loading.resolve(model_dir=run_dir)
+    target = str(tmp_path / "export")
+    first = export.export_run(source, target)
+    ckpt = os.path.join(run_dir, "ckpt-3")
+    assert first.summary() == (
+        f"Exported wrn-10-1 (silu, step 3, raw weights, 16x16, 10 classes) from {ckpt} to "
+        f"{target}; signatures: serving_default, serving_encoded, metadata.")
+    meta = export.load(target).metadata
+    assert (meta["model"], meta["activation"], meta["step"], meta["weights"], meta["checkpoint"],
+            meta["experiment_name"], meta["data_preprocessing"]) == (
+        "wrn-10-1", "silu", 3, "raw", ckpt, "export-test", "resize")
+    assert Experiment.from_dict(meta["experiment"]) == source.experiment
+    again = export.export_run(source, target, overwrite=True)
+    assert again.replaced and not first.replaced
+    assert f"to {target} (replacing the previous export); signatures" in again.summary()
+
+
+def test_the_export_folder_rules_hold_without_tensorflow(exported, tmp_path):
+    """run/export.py checks a local --export_dir before TensorFlow is imported: the same
+    answers and messages as the check sat_tf.export makes with TensorFlow's file system."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep me")
+    folders = [tmp_path / "absent", tmp_path / "empty", tmp_path / "file", tmp_path / "other",
+               pathlib.Path(exported[1])]
+
+    def outcome(check, path, overwrite):
+        try:
+            return check(str(path), overwrite)
+        except ValueError as e:
+            return str(e)
+
+    outcomes = [outcome(export.check_export_dir, p, o) for p in folders for o in (False, True)]
+    assert outcomes == [outcome(loading.check_export_dir, p, o)
+                        for p in folders for o in (False, True)]
+    assert outcomes[:4] == [False, False, False, False] and outcomes[-1] is True
+    assert "is a file" in outcomes[4] and "holds no sat_tf export" in outcomes[7]
+    assert loading.check_export_dir("gs://bucket/export") is False   # left to sat_tf.export
 
 
 def start_export(*args, file_size_limit=None):

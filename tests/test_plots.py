@@ -14,6 +14,7 @@ from PIL import Image
 
 from sat_tf import activations, data, evaluation, export, plots, reports
 from sat_tf.config import AttackConfig, DataConfig
+from sat_tf.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SIZE = 16
@@ -78,6 +79,20 @@ def test_plot_activations(tmp_path):
     check_files(plots.plot_activations(stem), stem)
     with pytest.raises(ValueError, match="Unknown activation 'sigmoid'"):
         plots.plot_activations(stem, ["relu", "sigmoid"])
+
+
+def test_paper_points_and_formats():
+    """Figure 3's paper points by preset prefix, without the presets our runs already carry;
+    a prefix no preset has and an unknown figure format are the user's errors."""
+    points = plots.paper_points(["imagenet-resnet50-"], exclude={"imagenet-resnet50-silu"})
+    by_label = {p["label"]: (p["clean"], p["robust"]) for p in points}
+    assert by_label["relu"] == (68.8, 33.0) and by_label["elu"] == (69.2, 41.7)
+    assert "silu" not in by_label
+    with pytest.raises(UserError, match="No preset name starts with 'cifar100-'"):
+        plots.paper_points(["cifar100-"])
+    plots.check_formats(["png", "pdf", "svg"])
+    with pytest.raises(UserError, match="Invalid figure format 'gif'"):
+        plots.check_formats(["png", "gif"])
 
 
 def test_loss_landscape_against_first_order_truth(models):
