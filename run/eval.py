@@ -123,7 +123,7 @@ def main(argv):
     request = cli.start("eval.py", argv, request_from_flags)
     try:
         report = robustness.evaluate(request, log=lambda line: print(line, flush=True))
-    except ValueError as e:   # found only now: no readable checkpoint, data the model misfits
+    except UserError as e:    # found only now: no readable checkpoint, data the model misfits
         cli.fail("eval.py", str(e))
     print(reports.format_table(report), flush=True)
     path = request.report_path(report["model"]["step"])

@@ -155,7 +155,7 @@ _FLAGS = [
     ("eval_batch_size", ("loop.eval_batch_size",),
      "Global evaluation batch size (default: train_batch_size)."),
     ("eval_attack_steps", ("eval_attack.num_steps",), "Evaluation PGD steps."),
-    ("eval_attack_step_size", ("eval_attack.step_size", "evaluation.attack_step_size"),
+    ("eval_attack_step_size", ("eval_attack.step_size",),
      "Evaluation PGD step size in pixels (default: the protocol's, 1 at epsilon 4, scaled "
      "by --attack_epsilon / the protocol's epsilon)."),
     # loop, checkpoints, summaries
@@ -281,7 +281,6 @@ def experiment_from_flags() -> Experiment:
     if _given("num_classes") is not None and (_given("dataset") or exp.data.dataset) == "synthetic":
         overrides["data.synthetic_num_classes"] = _given("num_classes")
     if _given("attack_epsilon") is not None:
-        overrides["evaluation.attack_epsilons"] = (_given("attack_epsilon"),)
         # Step sizes keep their ratio to epsilon unless given: PGD-10 with step 1 cannot even
         # reach the boundary of an epsilon-16 ball.
         for attack, flag in (("train_attack", "attack_step_size"),
@@ -290,8 +289,6 @@ def experiment_from_flags() -> Experiment:
             if _given(flag) is None and old.epsilon > 0:
                 scaled = old.step_size * _given("attack_epsilon") / old.epsilon
                 overrides[f"{attack}.step_size"] = scaled
-                if attack == "eval_attack":
-                    overrides["evaluation.attack_step_size"] = scaled
     if _given("tpu") and _given("strategy") is None:
         overrides["runtime.strategy"] = "tpu"
     exp = exp.replace(**overrides)

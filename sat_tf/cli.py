@@ -1,11 +1,14 @@
 """What every ``run/*.py`` program shares: its start, and one-line errors instead of tracebacks.
 
 * Flag errors (unknown flag, a value of the wrong type) and bad values found by
-  ``sat_tf.config`` / ``sat_tf.names`` exit with status 2 and one line, before TensorFlow is
-  imported: :func:`run`'s flag parser, and :func:`start`, the first line of every ``main``.
-* Problems with the user's input found while running (a data folder without shards, a corrupt
-  record, a dataset that cannot be downloaded, a checkpoint that does not exist) exit with
-  status 1 and one line naming what was wrong: :func:`run` catches them around ``main``.
+  ``sat_tf.config`` / ``sat_tf.names`` (a :class:`~sat_tf.errors.UserError`) exit with status 2
+  and one line, before TensorFlow is imported: :func:`run`'s flag parser, and :func:`start`,
+  the first line of every ``main``.
+* Problems with the user's input found while running (a :class:`~sat_tf.errors.UserError`: a
+  data folder without shards, a checkpoint that does not exist; a corrupt record, a dataset
+  that cannot be downloaded, a file that cannot be read) exit with status 1 and one line naming
+  what was wrong: :func:`run` catches them around ``main``. A plain ``ValueError`` is not the
+  user's: Keras raises it for shape bugs, and it keeps its traceback.
   So does a missing or wrong TensorFlow build (:mod:`sat_tf.install`), with the pip command
   that fixes it. So does a multi-worker run whose peer worker stopped or never started
   (:func:`_lost_peer`).
@@ -26,6 +29,7 @@ from typing import Callable, Sequence, TypeVar
 from absl import app, flags, logging
 
 from sat_tf import install
+from sat_tf.errors import UserError
 
 T = TypeVar("T")
 
@@ -46,7 +50,7 @@ def start(program: str, argv: Sequence[str], configure: Callable[[], T], *,
        unless the environment sets it); with ``quiet_logging``, absl logs warnings and errors
        only, unless ``--verbosity`` was given (TensorFlow's INFO lines drown the program's own
        output).
-    3. ``configure()`` turns the flags into config objects; a ValueError it raises (a bad flag
+    3. ``configure()`` turns the flags into config objects; a UserError it raises (a bad flag
        value) ends the program in one line, exit status 2. It imports no TensorFlow, so bad
        values fail in well under a second (unless it must ask TensorFlow's file system about a
        remote path, after the local checks).
@@ -68,7 +72,7 @@ def start(program: str, argv: Sequence[str], configure: Callable[[], T], *,
         logging.set_verbosity(logging.WARNING)
     try:
         return configure()
-    except ValueError as e:
+    except UserError as e:
         fail(program, str(e))
 
 
@@ -141,7 +145,7 @@ def _user_error(e: BaseException) -> str | None:
         return str(e)
     if isinstance(e, ModuleNotFoundError) and e.name == "tensorflow":
         return install.missing_tensorflow_message()
-    if isinstance(e, (ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
+    if isinstance(e, (UserError, FileNotFoundError, NotADirectoryError, PermissionError,
                       ConnectionError)):
         return str(e)
     tf = sys.modules.get("tensorflow")

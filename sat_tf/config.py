@@ -364,14 +364,16 @@ class RuntimeConfig:
 
 @dataclass
 class EvalConfig:
-    """Robustness evaluation: every combination of steps x epsilons x modes is run."""
+    """The robustness protocol of run/eval.py, around the run's own evaluation attack
+    (``Experiment.eval_attack``: the PGD its evaluations during training run, whose epsilon
+    and step count are always part of the protocol and whose step size and random start every
+    attack takes): every combination of steps x epsilons x modes is run
+    (:meth:`Experiment.evaluation_attacks`)."""
 
-    attack_steps: tuple[int, ...] = (10, 20, 50)
-    attack_epsilons: tuple[float, ...] = (4.0,)
-    attack_step_size: float = 1.0
+    attack_steps: tuple[int, ...] = (10, 20, 50)  # with eval_attack.num_steps
+    attack_epsilons: tuple[float, ...] = ()       # with eval_attack.epsilon
     attack_restarts: int = 1
     attack_modes: tuple[str, ...] = ("untargeted",)
-    random_start: bool = True
     global_batch_size: int | None = None   # None: 128 rounded up to a multiple of the replicas
     use_ema: bool = True                   # evaluate EMA weights when the run kept them
     sanity_epsilon: float | None = 64.0    # extra PGD-20 at this epsilon: must reach ~0 (None: off)
@@ -379,15 +381,10 @@ class EvalConfig:
     seed: int = 0                          # random starts and targets
 
     def validate(self) -> None:
-        if not self.attack_steps:
-            raise UserError("Invalid attack steps (); give at least one step count.")
         for s in self.attack_steps:
             _positive("attack steps", s, allow_zero=True)
-        if not self.attack_epsilons:
-            raise UserError("Invalid attack epsilons (); give at least one epsilon.")
         for e in self.attack_epsilons:
             _positive("attack epsilon", e, allow_zero=True)
-        _positive("attack step size", self.attack_step_size, allow_zero=True)
         _positive("attack restarts", self.attack_restarts)
         if not self.attack_modes:
             raise UserError(f"Invalid attack modes (); valid choices: {', '.join(ATTACK_MODES)}.")
@@ -447,6 +444,23 @@ class Experiment:
                 f"Invalid data_dir {self.data.data_dir!r} for TPU {tpu!r}: the TPU hosts read "
                 "the data (and TFDS prepares it there), so it must be a gs:// path (local paths "
                 "only with tpu 'local', on a single TPU VM).")
+
+    def evaluation_grid(self) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """(steps, epsilons) of the robustness protocol: ``evaluation``'s joined with
+        ``eval_attack``'s, in increasing order."""
+        steps = {*self.evaluation.attack_steps, self.eval_attack.num_steps}
+        epsilons = {*self.evaluation.attack_epsilons, self.eval_attack.epsilon}
+        return tuple(sorted(int(s) for s in steps)), tuple(sorted(float(e) for e in epsilons))
+
+    def evaluation_attacks(self) -> list[AttackConfig]:
+        """Every attack of the robustness protocol: mode x epsilon x steps (in that nesting
+        order) of :meth:`evaluation_grid`, each with ``eval_attack``'s step size and random
+        start, never starting from the clean image."""
+        steps, epsilons = self.evaluation_grid()
+        return [AttackConfig(epsilon=eps, step_size=float(self.eval_attack.step_size),
+                             num_steps=n, random_start=self.eval_attack.random_start,
+                             clean_start_prob=0.0, mode=mode)
+                for mode in self.evaluation.attack_modes for eps in epsilons for n in steps]
 
     def replace(self, **overrides) -> "Experiment":
         """A deep copy with dotted-path overrides: ``exp.replace(**{"model.activation": "silu"})``."""
@@ -509,13 +523,24 @@ MOVED = (
 )
 
 
+# Fields that went, with the one that replaced them: before issue 11 the evaluation section
+# repeated the run's evaluation attack's step size and random start (which took precedence).
+DROPPED = (("evaluation.attack_step_size", "eval_attack.step_size"),
+           ("evaluation.random_start", "eval_attack.random_start"))
+
+
 def _upgrade(d: dict) -> dict:
-    """``d`` in today's layout: fields of :data:`MOVED` go to their new place."""
+    """``d`` in today's layout: fields of :data:`MOVED` go to their new place, those of
+    :data:`DROPPED` are left out."""
     d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
     for old, new in MOVED:
         (old_section, old_name), (new_section, new_name) = old.split("."), new.split(".")
         if isinstance(d.get(old_section), dict) and old_name in d[old_section]:
             d.setdefault(new_section, {})[new_name] = d[old_section].pop(old_name)
+    for old, _ in DROPPED:
+        section, name = old.split(".")
+        if isinstance(d.get(section), dict):
+            d[section].pop(name, None)
     return d
 
 

@@ -54,8 +54,7 @@ def _synthetic_smoke() -> Experiment:
         eval_attack=AttackConfig(epsilon=8.0, step_size=2.0, num_steps=10, clean_start_prob=0.0),
         **recipes.cifar(global_batch_size=32, train_steps=20).sections(),
         loop=LoopConfig(steps_per_loop=5),
-        evaluation=EvalConfig(attack_steps=(10,), attack_epsilons=(8.0,), attack_step_size=2.0,
-                              global_batch_size=64),
+        evaluation=EvalConfig(attack_steps=(10,), global_batch_size=64),
     )
 
 
@@ -81,8 +80,7 @@ def _digits(activation: str) -> Experiment:
         **recipes.cifar(global_batch_size=64, train_epochs=15, lr_schedule="cosine",
                         warmup_epochs=1.0).sections(),
         loop=LoopConfig(steps_per_loop=25, summary_every_steps=100, checkpoint_every_steps=200),
-        evaluation=EvalConfig(attack_steps=(10, 50), attack_epsilons=(DIGITS_EPSILON,),
-                              attack_step_size=DIGITS_EPSILON / 4, sanity_epsilon=128.0),
+        evaluation=EvalConfig(attack_steps=(10, 50), sanity_epsilon=128.0),
         paper={"source": None, "clean": None, "robust": None, "robust_attack": None,
                "protocol": "digits (ours: eps 16, PGD-3 step 8 training, PGD-10 step 4 "
                            "evaluation; the paper has no digits numbers)"},
@@ -151,8 +149,7 @@ def _imagenet(description: str, model: ModelConfig, recipe: recipes.Recipe, pape
         eval_attack=AttackConfig(epsilon=4.0, step_size=1.0, num_steps=10, random_start=True,
                                  clean_start_prob=0.0),
         **recipe.sections(),
-        evaluation=EvalConfig(attack_steps=(10, 20, 50), attack_epsilons=(4.0,),
-                              attack_step_size=1.0),
+        evaluation=EvalConfig(attack_steps=(10, 20, 50)),
         paper=paper,
     )
 
@@ -169,7 +166,7 @@ def _cifar10(description: str, model: ModelConfig) -> Experiment:
         eval_attack=AttackConfig(epsilon=8.0, step_size=2.0, num_steps=20, random_start=True,
                                  clean_start_prob=0.0),
         **recipes.cifar().sections(),
-        evaluation=EvalConfig(attack_steps=(20,), attack_epsilons=(8.0,), attack_step_size=2.0),
+        evaluation=EvalConfig(attack_steps=(20,)),
         paper={"source": None, "clean": None, "robust": None, "robust_attack": None,
                "protocol": "cifar10 (ours: eps 8, PGD-10 step 2 training, PGD-20 step 2 "
                            "evaluation; the paper reports no CIFAR-10 numbers)"},

@@ -142,7 +142,7 @@ def plot_robustness(points: Sequence[dict], stem: str, *, paper_points: Sequence
     ``{"label", "clean", "robust"}`` without a run of ours (hollow markers).
     """
     if not points and not paper_points:
-        raise ValueError("Nothing to plot: give at least one report or paper point.")
+        raise UserError("Nothing to plot: give at least one report or paper point.")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 4.5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -184,7 +184,7 @@ def loss_landscape(model, image, label, *, radius: float = 8.0, resolution: int 
     ``loss[i, j]`` at ``a[i]``, ``b[j]``.
     """
     if resolution < 2:
-        raise ValueError(f"Invalid resolution {resolution!r}; it must be >= 2.")
+        raise UserError(f"Invalid resolution {resolution!r}; it must be >= 2.")
     import keras
     import tensorflow as tf
 
@@ -216,9 +216,9 @@ def plot_landscapes(landscapes: Sequence[tuple[str, dict]], stem: str, *, kind: 
     """One panel per ``(title, loss_landscape(...))``, side by side, as 3-D surfaces or contour
     maps."""
     if kind not in ("surface", "contour"):
-        raise ValueError(f"Invalid landscape kind {kind!r}; valid kinds: surface, contour.")
+        raise UserError(f"Invalid landscape kind {kind!r}; valid kinds: surface, contour.")
     if not landscapes:
-        raise ValueError("Nothing to plot: give at least one landscape.")
+        raise UserError("Nothing to plot: give at least one landscape.")
     plt = _pyplot()
     n = len(landscapes)
     fig = plt.figure(figsize=(4.6 * n, 4.0))

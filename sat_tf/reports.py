@@ -31,7 +31,7 @@ import time
 from collections import defaultdict
 from typing import Sequence
 
-from sat_tf.config import AttackConfig, EvalConfig
+from sat_tf.config import AttackConfig
 from sat_tf.errors import UserError
 
 FORMAT = "sat_tf.evaluation.report/1"
@@ -43,16 +43,7 @@ GRADIENT_MASKING_FRACTION = 0.05
 
 
 # ---------------------------------------------------------------------------------------------
-# The attack grid.
-
-def attacks_from_config(cfg: EvalConfig) -> list[AttackConfig]:
-    """Every combination of mode x epsilon x steps, in that nesting order."""
-    return [AttackConfig(epsilon=float(eps), step_size=float(cfg.attack_step_size),
-                         num_steps=int(steps), random_start=cfg.random_start,
-                         clean_start_prob=0.0, mode=mode)
-            for mode in cfg.attack_modes for eps in cfg.attack_epsilons
-            for steps in cfg.attack_steps]
-
+# The sanity check's attack.
 
 def large_epsilon_attack(epsilon: float = LARGE_EPSILON, num_steps: int = LARGE_EPSILON_STEPS,
                          random_start: bool = True) -> AttackConfig:

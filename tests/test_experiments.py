@@ -99,8 +99,7 @@ def test_imagenet_protocol():
         assert (t.epsilon, t.step_size, t.num_steps, t.random_start, t.clean_start_prob) == \
             (4.0, 4.0, 1, True, 0.2), name
         assert (e.epsilon, e.step_size, e.random_start, e.clean_start_prob) == (4.0, 1.0, True, 0.0)
-        assert exp.evaluation.attack_steps == (10, 20, 50)
-        assert exp.evaluation.attack_epsilons == (4.0,) and exp.evaluation.attack_step_size == 1.0
+        assert exp.evaluation_grid() == ((10, 20, 50), (4.0,))
         family, _ = names.model(exp.model.name)
         if family == "efficientnet":
             assert exp.optimizer.name == "rmsprop" and exp.model.activation == "silu"
@@ -130,7 +129,7 @@ def test_cifar10_protocol():
         t, e = exp.train_attack, exp.eval_attack
         assert (t.epsilon, t.step_size, t.num_steps, t.clean_start_prob) == (8.0, 2.0, 10, 0.0)
         assert (e.epsilon, e.step_size, e.num_steps) == (8.0, 2.0, 20)
-        assert exp.evaluation.attack_steps == (20,) and exp.evaluation.attack_epsilons == (8.0,)
+        assert exp.evaluation_grid() == ((20,), (8.0,))
 
 
 def test_scaling_image_sizes():

@@ -16,8 +16,7 @@ from sat_tf.errors import UserError
 RUN = Experiment(
     name="run", data=DataConfig(dataset="synthetic", num_classes=10, num_eval_examples=40),
     eval_attack=AttackConfig(epsilon=16.0, step_size=4.0, num_steps=10, random_start=False),
-    evaluation=EvalConfig(attack_steps=(10, 20, 50), attack_epsilons=(4.0,),
-                          attack_step_size=1.0),
+    evaluation=EvalConfig(attack_steps=(10, 20, 50), attack_epsilons=(4.0,)),
     paper={"clean": 50.0})
 
 
@@ -32,13 +31,14 @@ def request(run_dir, **kwargs):
 
 
 def test_the_runs_own_attack_joins_its_protocol(run_dir):
-    assert robustness.own_attack(RUN) == {
-        "evaluation.attack_epsilons": (4.0, 16.0), "evaluation.attack_steps": (10, 20, 50),
-        "evaluation.attack_step_size": 4.0, "evaluation.random_start": False}
-    cfg = request(run_dir).experiment(RUN).evaluation
-    assert (cfg.attack_epsilons, cfg.attack_steps, cfg.attack_step_size, cfg.random_start) == (
-        (4.0, 16.0), (10, 20, 50), 4.0, False)
-    assert request(run_dir).experiment(RUN).paper == {"clean": 50.0}
+    exp = request(run_dir).experiment(RUN)
+    assert exp.evaluation_grid() == ((10, 20, 50), (4.0, 16.0))
+    attacks = exp.evaluation_attacks()
+    assert [(a.epsilon, a.num_steps) for a in attacks] == [
+        (4.0, 10), (4.0, 20), (4.0, 50), (16.0, 10), (16.0, 20), (16.0, 50)]
+    assert all(a.step_size == 4.0 and not a.random_start and a.clean_start_prob == 0.0
+               for a in attacks)
+    assert exp.paper == {"clean": 50.0}
 
 
 def test_given_values_win_and_are_named(run_dir):
@@ -46,9 +46,10 @@ def test_given_values_win_and_are_named(run_dir):
                                             random_start=True)
     exp = request(run_dir, protocol=protocol).experiment(RUN)
     cfg = exp.evaluation
-    assert (cfg.attack_epsilons, cfg.seed, cfg.random_start) == ((8.0,), 3, True)
+    assert exp.evaluation_grid() == ((10, 20, 50), (8.0,))   # the epsilons given, only
+    assert (cfg.seed, exp.eval_attack.random_start) == (3, True)
     assert cfg.sanity_epsilon is None          # 0 turns the sanity attack off
-    assert cfg.attack_step_size == 4.0         # not given: the run's own
+    assert exp.eval_attack.step_size == 4.0    # not given: the run's own
     assert protocol.given() == ["attack_epsilons", "random_start", "sanity_epsilon", "seed"]
     assert robustness.ProtocolOverrides().given() == []
 
@@ -56,8 +57,7 @@ def test_given_values_win_and_are_named(run_dir):
 def test_without_a_run_the_defaults_take_the_overrides(run_dir):
     protocol = robustness.ProtocolOverrides(attack_steps=(5,))
     exp = request(run_dir, protocol=protocol).experiment(None)
-    assert exp.evaluation.attack_steps == (5,)
-    assert exp.evaluation.attack_epsilons == EvalConfig().attack_epsilons
+    assert exp.evaluation_grid() == ((5,), (Experiment().eval_attack.epsilon,))
 
 
 def test_other_data_drops_the_runs_data_facts(run_dir):
@@ -69,7 +69,10 @@ def test_other_data_drops_the_runs_data_facts(run_dir):
                   robustness.DataOverrides(data_dir="/elsewhere"),
                   robustness.DataOverrides(source="tfrecord")):
         data = request(run_dir, data=other).experiment(RUN).data
-        assert [getattr(data, fact) for fact in robustness.DATA_FACTS] == [None] * 4
+        assert [getattr(data, fact) for fact in robustness.DATA_FACTS] == [None] * 5
+    # A preprocessing given with other data is kept (the run's own is dropped).
+    other = robustness.DataOverrides(dataset="imagenet", data_dir="/x", preprocessing="resize")
+    assert request(run_dir, data=other).experiment(RUN).data.preprocessing == "resize"
 
 
 def test_bad_values_fail_in_one_line(run_dir, tmp_path):

@@ -285,14 +285,15 @@ def autoaugment(image, key):
     return tf.cast(tf.ensure_shape(tf.switch_case(choice, branches), image.shape), tf.float32)
 
 
+# Each augmentation of config.AUGMENTATIONS: (image, key, data config) -> image.
+AUGMENTATIONS = {
+    "none": lambda image, key, data: image,
+    "randaugment": lambda image, key, data: randaugment(
+        image, key, num_layers=data.randaugment_layers, magnitude=data.randaugment_magnitude),
+    "autoaugment": lambda image, key, data: autoaugment(image, key),
+}
+
+
 def apply(image, key, data) -> tf.Tensor:
-    """``data.augment`` ("none", "randaugment", "autoaugment") of one image."""
-    if data.augment == "none":
-        return image
-    if data.augment == "randaugment":
-        return randaugment(image, key, num_layers=data.randaugment_layers,
-                           magnitude=data.randaugment_magnitude)
-    if data.augment == "autoaugment":
-        return autoaugment(image, key)
-    raise ValueError(f"Invalid augmentation {data.augment!r}; valid choices: none, randaugment, "
-                     "autoaugment.")
+    """``data.augment`` (:data:`AUGMENTATIONS`) of one image."""
+    return AUGMENTATIONS[data.augment](image, key, data)

@@ -22,6 +22,7 @@ import functools
 import numpy as np
 
 from sat_tf.config import DataConfig
+from sat_tf.errors import UserError
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 16
@@ -40,8 +41,8 @@ def load() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise ValueError("dataset 'digits' reads scikit-learn's copy of the digits; install "
-                         "it with: pip install scikit-learn") from None
+        raise UserError("dataset 'digits' reads scikit-learn's copy of the digits; install "
+                        "it with: pip install scikit-learn") from None
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
     labels = digits.target.astype(np.int32)
@@ -55,8 +56,8 @@ def load() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     out = {"train": (images[~is_eval], labels[~is_eval]),
            "eval": (images[is_eval], labels[is_eval])}
     if len(out["eval"][1]) != NUM_EVAL or len(out["train"][1]) != NUM_TRAIN:
-        raise ValueError(f"scikit-learn's digits have {len(labels)} images, not the "
-                         f"{NUM_EXAMPLES} this split expects.")
+        raise UserError(f"scikit-learn's digits have {len(labels)} images, not the "
+                        f"{NUM_EXAMPLES} this split expects.")
     return out
 
 

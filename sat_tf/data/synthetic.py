@@ -22,6 +22,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from sat_tf.config import DataConfig
+from sat_tf.errors import UserError
 from sat_tf.data import pipeline
 
 NOISE_STDDEV = 40.0
@@ -49,8 +50,8 @@ def _own_batches(indices: tf.data.Dataset, batch_size: int, input_context, *,
         n, i = input_context.num_input_pipelines, input_context.input_pipeline_id
         replicas = input_context.num_replicas_in_sync
         if replicas % n:
-            raise ValueError(f"{replicas} replicas cannot be split evenly over {n} input "
-                             "pipelines.")
+            raise UserError(f"{replicas} replicas cannot be split evenly over {n} input "
+                            "pipelines.")
         k = replicas // n
         batches = batches.enumerate().filter(
             lambda p, b: tf.logical_and(p % replicas >= i * k, p % replicas < i * k + k)
