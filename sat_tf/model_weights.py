@@ -19,7 +19,7 @@ def decayed_weights(model: keras.Model, scope: str = "non_bn") -> list:
     ``scope="kernels"``: the kernels of convolution and dense layers (the SAT release's
     ResNet decays tensorpack's ``.*/W``: no biases, no batch norm, no SmoothReLU beta);
     ``"non_bn"``: every trainable weight of a layer that is not batch normalization (the TPU
-    EfficientNet code). Other scopes are refused by ``TrainConfig.validate``.
+    EfficientNet code). Other scopes are refused by ``OptimizerConfig.validate``.
     """
     if scope == "kernels":
         kernels = {id(w) for layer in _layers(model) if isinstance(layer, _KERNEL_LAYERS)

@@ -192,7 +192,7 @@ def info(data: DataConfig) -> DatasetInfo:
 def _folder_facts(data: DataConfig) -> dict:
     """The facts a folder of shards records: its ``conversion.json`` (the class count also
     from its label map), and its small images' own size as the image size."""
-    # A resolved experiment (sat_tf.training.resolve_experiment) carries every fact: the
+    # A resolved experiment (sat_tf.rundir.resolve_experiment) carries every fact: the
     # pipelines of a pod's hosts then do not read the record again, one round trip each.
     known = all(getattr(data, f) is not None for f in _FACTS)
     if data.resolved_source() != "tfrecord" or known:
