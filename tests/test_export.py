@@ -508,7 +508,8 @@ def start_export(*args, file_size_limit=None):
 
 def test_export_cli_write_failure_and_overwrite(run_dir, exported, tmp_path):
     """run/export.py --overwrite over a previous export, in a subprocess whose files are capped
-    at 400 KiB: the weights (~320 KB) are written, saved_model.pb (~500 KB) fails partway. One
+    between the size of the weights (~320 KB), which are written, and of saved_model.pb
+    (~370 KB), which fails partway. One
     line names the folder and the OS reason, exit 1, no folder is left (hidden or not) and the
     previous export is byte for byte unchanged. In parallel: a non-empty folder without
     --overwrite, or one that is not an export even with it, is refused before TensorFlow is
@@ -520,8 +521,13 @@ def test_export_cli_write_failure_and_overwrite(run_dir, exported, tmp_path):
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
     model_dir = f"--model_dir={run_dir}"
+    # A cap between the size of the weights and of saved_model.pb, which are written in that
+    # order: the weights are written, saved_model.pb fails partway.
+    weights = (previous / "variables" / "variables.data-00000-of-00001").stat().st_size
+    graph = (previous / "saved_model.pb").stat().st_size
+    assert weights < graph
     procs = [start_export(model_dir, f"--export_dir={previous}", "--overwrite",
-                          file_size_limit=400 * 1024),
+                          file_size_limit=(weights + graph) // 2),
              start_export(model_dir, f"--export_dir={other}"),
              start_export(model_dir, f"--export_dir={other}", "--overwrite")]
     results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]

@@ -10,6 +10,7 @@ import keras
 from keras import layers
 
 from sat_tf.activations import Activation
+from sat_tf.batch_norm import BatchNormalization
 from sat_tf.efficientnet.architecture import (
     HEAD_FILTERS, PARAMS, STEM_FILTERS, BlockArgs, drop_connect_rates, round_filters, stages)
 
@@ -30,7 +31,7 @@ def efficientnet_features(x, variant: str, *, activation: str, bn_momentum: floa
     width = PARAMS[variant].width
 
     def bn(name):
-        return layers.BatchNormalization(momentum=bn_momentum, epsilon=bn_epsilon, name=name)
+        return BatchNormalization(momentum=bn_momentum, epsilon=bn_epsilon, name=name)
 
     def act(name):
         return Activation(activation, name=name)

@@ -9,6 +9,7 @@ import keras
 from keras import layers
 
 from sat_tf.activations import Activation
+from sat_tf.batch_norm import BatchNormalization
 from sat_tf.resnet.architecture import STEM_FILTERS, WRN_STEM_FILTERS, Block
 
 
@@ -34,7 +35,7 @@ def conv(x, filters, kernel_size, stride, name, *, init, groups=1):
 
 
 def _bn(name, bn_momentum, bn_epsilon, zero_gamma=False):
-    return layers.BatchNormalization(
+    return BatchNormalization(
         momentum=bn_momentum, epsilon=bn_epsilon,
         gamma_initializer="zeros" if zero_gamma else "ones", name=name)
 
