@@ -364,3 +364,34 @@ def test_serialization_round_trip(name, alpha, tmp_path):
     np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), rtol=0, atol=0)
     if name == "smooth_relu":
         assert float(loaded.get_layer("act").beta.numpy()) == 7.0
+
+
+def test_silu_backward_reuses_the_forward_sigmoid_and_equals_the_closed_form():
+    """The natural SiLU backward is s + y (1 - s) from the forward's own sigmoid: one Sigmoid
+    kernel for forward and backward together (TensorFlow's own silu computes it twice), and
+    the gradient is the closed-form derivative, also in bfloat16."""
+    layer = activations.Activation("silu")
+    x = tf.linspace(-12.0, 12.0, 4001)
+
+    @tf.function
+    def value_and_grad(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+        return y, tape.gradient(y, x)
+
+    y, g = value_and_grad(x)
+    xs = x.numpy().astype(np.float64)
+    sig = 1.0 / (1.0 + np.exp(-xs))
+    np.testing.assert_allclose(y, xs * sig, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(g, sig * (1.0 + xs * (1.0 - sig)), rtol=1e-5, atol=1e-6)
+    graph = value_and_grad.get_concrete_function(x).graph
+    ops_by_type = [op.type for op in graph.get_operations()]
+    for fn in graph._functions.values():
+        ops_by_type += [n.op for n in fn.definition.node_def]
+    assert ops_by_type.count("Sigmoid") == 1, ops_by_type
+    xb = tf.cast(x, tf.bfloat16)
+    yb, gb = value_and_grad(xb)
+    assert gb.dtype == tf.bfloat16
+    np.testing.assert_allclose(tf.cast(gb, tf.float32), sig * (1.0 + xs * (1.0 - sig)),
+                               rtol=2e-2, atol=2e-2)
