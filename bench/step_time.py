@@ -83,7 +83,7 @@ def main(argv):
             raise app.UsageError(f"Invalid --batch_norm {bn!r}; valid choices: fused, keras.")
         # The layer decides at trace time, which the first run below does.
         batch_norm.BatchNormalization._fusable = (
-            fusable if bn == "fused" else lambda self, inputs, mask: False)
+            fusable if bn == "fused" else lambda self, inputs, training, mask: False)
         exp = Experiment(
             model=ModelConfig(name=FLAGS.model, activation=act, image_size=s,
                               num_classes=FLAGS.num_classes),
