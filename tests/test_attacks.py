@@ -231,6 +231,34 @@ def test_runs_under_strategy_and_xla(trained):
     assert out.shape == (8, 16, 16, 3) and in_box(out, x[:8], 8.0)
 
 
+def test_one_step_is_the_closed_form_step_without_a_loop():
+    """PGD-1 (the paper's training attack) is one signed-gradient step from the random start,
+    projected, with no graph loop (XLA:CPU runs a loop body's input-gradient convolutions on
+    its slow generic path); more steps keep the loop."""
+    model, w, b = linear_model(seed=3)
+    x = tf.random.stateless_uniform([6, 4, 4, 3], [1, 1], 0, 255)
+    y = tf.constant([0, 1, 2, 0, 1, 2])
+    cfg = attack_cfg(epsilon=8.0, step_size=3.0, num_steps=1)
+    start = attacks.pgd(model, x, y, attack_cfg(epsilon=8.0, num_steps=0), seed=[2, 5]).numpy()
+    # Closed form: d CE / d x = W (softmax - onehot), reshaped to the image.
+    z = start.reshape(6, -1) @ w + b
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    grad = ((p - np.eye(3)[y.numpy()]) @ w.T).reshape(start.shape)
+    expected = np.clip(np.clip(start + 3.0 * np.sign(grad), x - 8.0, x + 8.0), 0.0, 255.0)
+    fn = tf.function(lambda a, c, k: attacks.pgd(model, a, c, attack_cfg(
+        epsilon=8.0, step_size=3.0, num_steps=k), seed=tf.constant([2, 5])), jit_compile=True)
+    np.testing.assert_allclose(attacks.pgd(model, x, y, cfg, seed=[2, 5]).numpy(), expected,
+                               atol=TOL)
+    np.testing.assert_allclose(fn(x, y, 1).numpy(), expected, atol=TOL)
+
+    def loops(k):
+        graph = fn.get_concrete_function(x, y, k).graph
+        ops = [op.type for op in graph.get_operations()]
+        return sum(t in ("While", "StatelessWhile") for t in ops)
+    assert loops(1) == 0 and loops(2) == 1
+
+
 def test_model_that_ignores_its_input_is_not_moved():
     """A constant model has a zero input gradient: PGD without random start returns x."""
     inp = keras.Input((4, 4, 3))
