@@ -48,5 +48,7 @@ setup(
         # venvs come without it).
         "test": ["pytest>=7", "scikit-learn>=1.0", "matplotlib>=3.5", "setuptools"],
         "plot": ["matplotlib>=3.5"],
+        # bench/step_time.py --peer=torch (the PyTorch CPU build is enough); not installed by CI.
+        "bench": ["torch>=2.1"],
     },
 )

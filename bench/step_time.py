@@ -17,7 +17,7 @@ times Keras' own batch normalization instead of the fused kernel (sat_tf.batch_n
 at most 1.7x the clean step (the attack adds one forward and one input-gradient backward,
 no weight gradients) and a SiLU step at most 1.05x the ReLU step.
 
-``--peer=torch`` (ResNets and ResNeXts, XLA off; needs ``pip install torch``) also times the same network and
+``--peer=torch`` (ResNets and ResNeXts, beside the XLA-off rows; needs ``pip install torch``) also times the same network and
 step in PyTorch eager (``bench/torch_peer.py``) in the same rounds, and gives sat-tf's
 throughput over PyTorch's. ``--memory`` runs every configuration once more in a process of its
 own and reports the peak resident memory of its second step (after the first traced the graph)
@@ -147,20 +147,24 @@ def _check_flags():
         if bn not in ("fused", "keras"):
             raise app.UsageError(f"Invalid --batch_norm {bn!r}; valid choices: fused, keras.")
     if FLAGS.peer == "torch":
-        from sat_tf import models
+        from sat_tf import families
+        from sat_tf.errors import UserError
         try:
-            import torch  # noqa: F401
-        except ImportError:
-            raise app.UsageError("--peer=torch needs PyTorch: pip install torch (the CPU build "
-                                 "is enough).") from None
-        spec = models.resolve(FLAGS.model, "relu", FLAGS.num_classes, image_size=FLAGS.image_size)
-        if spec.family not in ("resnet", "resnext"):
+            family = families.parse(FLAGS.model)[0].name
+        except UserError as e:
+            raise app.UsageError(str(e)) from None
+        if family not in ("resnet", "resnext"):
             raise app.UsageError(f"Invalid --model {FLAGS.model!r} for --peer=torch; valid "
                                  "choices: resnet-<depth>, resnext-<depth>-<c>x<w>d.")
         for act in FLAGS.activations:
             if act not in ("relu", "silu", "gelu"):
                 raise app.UsageError(f"Invalid --activations entry {act!r} for --peer=torch; "
                                      "valid choices: relu, silu, gelu.")
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise app.UsageError("--peer=torch needs PyTorch: pip install torch (the CPU build "
+                                 "is enough).") from None
 
 
 def _child(tf, strategy):

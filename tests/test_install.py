@@ -61,7 +61,7 @@ def requirements(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr
     (dist_info,) = out.glob("*.dist-info")
     meta = email.parser.Parser().parsestr((dist_info / "METADATA").read_text())
-    assert {"cpu", "gpu", "tpu", "test", "plot"} <= set(meta.get_all("Provides-Extra"))
+    assert {"cpu", "gpu", "tpu", "test", "plot", "bench"} <= set(meta.get_all("Provides-Extra"))
     return [Requirement(r) for r in meta.get_all("Requires-Dist")]
 
 
@@ -95,7 +95,7 @@ def test_each_build_extra_requires_exactly_its_tensorflow(requirements):
     assert gpu["tensorflow"].specifier == cpu["tensorflow"].specifier
 
 
-@pytest.mark.parametrize("extra", ["test", "plot"])
+@pytest.mark.parametrize("extra", ["test", "plot", "bench"])
 def test_other_extras_require_no_tensorflow(requirements, extra):
     assert _for(requirements, extra) and not TF & set(_for(requirements, extra))
 
