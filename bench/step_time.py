@@ -11,18 +11,19 @@ Every configuration is a real :class:`sat_tf.training.Trainer` step (attack, tra
 forward, loss, gradients, optimizer update; without the once-per-loop clean-accuracy
 measurement) run ``--steps`` times per host round trip on a fixed batch. All
 configurations are compiled first and then timed round-robin, keeping each one's fastest
-round (robust to load from other processes); the table gives the time per step and its
-ratio to the clean ReLU step with the same XLA and batch-norm setting. ``--batch_norm=keras``
-times Keras' own batch normalization instead of the fused kernel (sat_tf.batch_norm). Targets (DESIGN.md): a PGD-1 step
-at most 1.7x the clean step (the attack adds one forward and one input-gradient backward,
-no weight gradients) and a SiLU step at most 1.05x the ReLU step.
+round (robust to load from other processes); the table gives the time per step and its ratio to
+the clean ReLU step with the same XLA and batch-norm setting. ``--batch_norm=keras`` times
+Keras' own batch normalization instead of the fused kernel (sat_tf.batch_norm). Targets
+(DESIGN.md): a PGD-1 step at most 1.7x the clean step (the attack adds one forward and one
+input-gradient backward, no weight gradients) and a SiLU step at most 1.05x the ReLU step.
 
-``--peer=torch`` (ResNets and ResNeXts, beside the XLA-off rows; needs ``pip install torch``) also times the same network and
-step in PyTorch eager (``bench/torch_peer.py``) in the same rounds, and gives sat-tf's
-throughput over PyTorch's. ``--memory`` runs every configuration once more in a process of its
-own and reports the peak resident memory of its second step (after the first traced the graph)
-and the peak's rise over the memory the process had before its first step, i.e. the step's own
-memory: activations, gradients, optimizer slots, workspace and what the first step kept.
+``--peer=torch`` (ResNets and ResNeXts, beside the XLA-off rows; needs ``pip install torch``)
+also times the same network and step in PyTorch eager (``bench/torch_peer.py``) in the same
+rounds, and gives sat-tf's throughput over PyTorch's. ``--memory`` runs every configuration
+once more in a process of its own and reports the peak resident memory of its second step
+(after the first traced the graph) and the peak's rise over the memory the process had before
+its first step, i.e. the step's own memory: activations, gradients, optimizer slots, workspace
+and what the first step kept.
 """
 from __future__ import annotations
 
@@ -68,6 +69,13 @@ def _configs():
                 for k in (ks if i == 0 else ks[:1]):
                     out.append((bn, act, k, jit))
     return out
+
+
+def _runs(configs, frameworks):
+    """(framework, configuration) pairs: PyTorch once per activation and attack, beside the
+    first batch-norm setting's XLA-off rows."""
+    return [(fw, c) for fw in frameworks for c in configs
+            if fw == "sat-tf" or (not c[3] and c[0] == configs[0][0])]
 
 
 def _status_kib(field: str) -> int:
@@ -188,19 +196,15 @@ def _memory(configs, frameworks):
     import subprocess
     out = {}
     args = [a for a in sys.argv[1:] if not a.startswith(("--memory", "--child", "--peer"))]
-    for fw in frameworks:
-        for bn, act, k, jit in configs:
-            if fw != "sat-tf" and (jit or bn != configs[0][0]):
-                continue
-            key = f"{fw}:{bn}:{act}:{k}:{'on' if jit else 'off'}"
-            proc = subprocess.run(
-                [sys.executable, __file__, *args, f"--child={key}", "--steps=1"],
-                capture_output=True, text=True)
-            if proc.returncode:
-                raise SystemExit(f"step_time.py: the memory run of {key} failed:\n"
-                                 f"{proc.stderr[-2000:]}")
-            out[(fw, bn, act, k, jit)] = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(f"  memory of {key}: {out[(fw, bn, act, k, jit)]}", file=sys.stderr, flush=True)
+    for fw, (bn, act, k, jit) in _runs(configs, frameworks):
+        key = f"{fw}:{bn}:{act}:{k}:{'on' if jit else 'off'}"
+        proc = subprocess.run([sys.executable, __file__, *args, f"--child={key}", "--steps=1"],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"step_time.py: the memory run of {key} failed:\n"
+                             f"{proc.stderr[-2000:]}")
+        out[(fw, bn, act, k, jit)] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"  memory of {key}: {out[(fw, bn, act, k, jit)]}", file=sys.stderr, flush=True)
     return out
 
 
@@ -224,19 +228,16 @@ def main(argv):
     # Build and compile every configuration first, then time them round-robin, so that load
     # from other processes falls on all of them alike; keep each one's fastest round.
     runs = []
-    for fw in frameworks:
-        for config in configs:
-            bn, act, k, jit = config
-            if fw == "torch" and (jit or bn != configs[0][0]):
-                continue  # one PyTorch run per activation and attack
-            t0 = time.time()
-            run = _ours(tf, strategy, config) if fw == "sat-tf" else _theirs(tf, config)
-            run()
-            run.restore()
-            print(f"  compiled {fw} {bn} {act} {'clean' if k == 0 else f'PGD-{k}'} "
-                  f"jit={'on' if jit else 'off'} in {time.time() - t0:.1f} s", file=sys.stderr,
-                  flush=True)
-            runs.append(((fw, *config), run, []))
+    for fw, config in _runs(configs, frameworks):
+        bn, act, k, jit = config
+        t0 = time.time()
+        run = _ours(tf, strategy, config) if fw == "sat-tf" else _theirs(tf, config)
+        run()
+        run.restore()
+        print(f"  compiled {fw} {bn} {act} {'clean' if k == 0 else f'PGD-{k}'} "
+              f"jit={'on' if jit else 'off'} in {time.time() - t0:.1f} s", file=sys.stderr,
+              flush=True)
+        runs.append(((fw, *config), run, []))
     for r in range(FLAGS.repeats):
         for _, run, times in runs:
             t0 = time.time()
