@@ -5,9 +5,15 @@
     python run/eval.py --saved_model=/tmp/sat-export --attack_epsilon=1,2,4,8,16 \
         --attack_mode=untargeted,targeted --attack_restarts=2
 
-Runs clean top-1 / top-5 and PGD for every combination of --attack_steps x --attack_epsilon
-x --attack_mode (each repeated --attack_restarts times) over the whole validation split; an
-example counts as robust only if every attack failed on it. Adds a PGD-20 attack at
+Runs clean top-1 / top-5 and each attack of --attacks (default pgd) over the whole validation
+split: pgd for every combination of --attack_steps x --attack_epsilon x --attack_mode; apgd-ce,
+apgd-t (9 target classes) and autoattack (APGD-CE, APGD-T, then Square, each stage on the
+examples still robust) for every --attack_steps (APGD iterations) x --attack_epsilon; square
+(--square_queries) for every --attack_epsilon. Each is repeated --attack_restarts times; an
+example counts as robust only if every attack failed on it. The report gives the forward and
+backward passes each attack spent per example.
+
+    python run/eval.py --model_dir=/tmp/sat --attacks=pgd,autoattack --attack_steps=20,100 Adds a PGD-20 attack at
 --sanity_epsilon (default 64) as a sanity check, kept out of the robust number. Prints a
 table and writes a JSON report (--report; default: <model_dir>/eval_report_step<N>.json, or
 eval_report.json in the current folder for --saved_model).
@@ -33,7 +39,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from absl import flags  # noqa: E402
 
 from sat_tf import cli, loading, reports, robustness  # noqa: E402
-from sat_tf.config import (ATTACK_MODES, DATA_SOURCES, DATASETS,  # noqa: E402
+from sat_tf.config import (ATTACK_METHODS, ATTACK_MODES, DATA_SOURCES, DATASETS,  # noqa: E402
                            PREPROCESSINGS, STRATEGIES, RuntimeConfig)
 from sat_tf.errors import UserError  # noqa: E402
 
@@ -61,6 +67,9 @@ flags.DEFINE_integer("attack_restarts", None, "Random restarts per attack (an ex
                      "robust only if no restart fooled it).")
 flags.DEFINE_list("attack_mode", None, f"Attack modes: {', '.join(ATTACK_MODES)} (targeted: a "
                   "random target class other than the label).")
+flags.DEFINE_list("attacks", None, f"Attacks: {', '.join(ATTACK_METHODS)} (default pgd).")
+flags.DEFINE_integer("square_queries", None, "Square's query budget, alone and in autoattack "
+                     "(default 5000).")
 flags.DEFINE_bool("random_start", None, "Start PGD from a uniform random point in the ball.")
 flags.DEFINE_float("sanity_epsilon", None, "Epsilon of the large-epsilon sanity attack "
                    "(default 64; 0 turns it off).")
@@ -106,6 +115,8 @@ def request_from_flags() -> robustness.EvalRequest:
         attack_epsilons=_numbers("attack_epsilon", float),
         attack_step_size=FLAGS.attack_step_size, attack_restarts=FLAGS.attack_restarts,
         attack_modes=None if FLAGS.attack_mode is None else tuple(FLAGS.attack_mode),
+        attacks=None if FLAGS.attacks is None else tuple(FLAGS.attacks),
+        square_queries=FLAGS.square_queries,
         random_start=FLAGS.random_start, sanity_epsilon=FLAGS.sanity_epsilon,
         global_batch_size=FLAGS.eval_batch_size, max_batches=FLAGS.max_batches,
         seed=FLAGS.seed)

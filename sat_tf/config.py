@@ -40,6 +40,8 @@ LR_SCHEDULES = ("step", "cosine", "exponential", "constant")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 MIXED_PRECISION = ("auto", "none", "mixed_bfloat16", "mixed_float16")
 ATTACK_MODES = ("untargeted", "targeted")
+# Evaluation attacks (sat_tf.autoattack); training and the run's own evaluations use pgd.
+ATTACK_METHODS = ("pgd", "apgd-ce", "apgd-t", "square", "autoattack")
 RESUME_INPUT = ("restart", "skip")
 WEIGHT_DECAY_SCOPES = ("kernels", "non_bn")
 
@@ -180,15 +182,19 @@ class DataConfig:
 
 @dataclass
 class AttackConfig:
-    """L-infinity PGD in pixel units of [0, 255] (epsilon 4 means 4/255)."""
+    """An L-infinity attack in pixel units of [0, 255] (epsilon 4 means 4/255): PGD, or for
+    evaluation one of :data:`ATTACK_METHODS` (sat_tf.autoattack)."""
 
     epsilon: float = 4.0
-    step_size: float = 4.0
-    num_steps: int = 1
+    step_size: float = 4.0                 # pgd only (APGD adapts its own from 2 epsilon)
+    num_steps: int = 1                     # pgd / APGD iterations (square: unused)
     random_start: bool = True
     clean_start_prob: float = 0.2          # probability a batch starts from the clean image
     mode: str = "untargeted"
     backward: str | None = None            # Table 1: the attacker's backward rule (None: natural)
+    method: str = "pgd"                    # ATTACK_METHODS
+    num_targets: int = 9                   # apgd-t / autoattack: target classes tried
+    queries: int = 5000                    # square / autoattack: Square's query budget
 
     def validate(self) -> None:
         _positive("attack epsilon", self.epsilon, allow_zero=True)
@@ -198,6 +204,9 @@ class AttackConfig:
             raise UserError(f"Invalid clean_start_prob {self.clean_start_prob!r}; it must be in [0, 1].")
         _choice("attack mode", self.mode, ATTACK_MODES)
         names.backward_rule(self.backward)
+        _choice("attack method", self.method, ATTACK_METHODS)
+        _positive("APGD-T target classes", self.num_targets)
+        _positive("Square queries", self.queries)
 
 
 @dataclass
@@ -374,6 +383,9 @@ class EvalConfig:
     attack_epsilons: tuple[float, ...] = ()       # with eval_attack.epsilon
     attack_restarts: int = 1
     attack_modes: tuple[str, ...] = ("untargeted",)
+    attacks: tuple[str, ...] = ("pgd",)           # ATTACK_METHODS
+    square_queries: int = 5000                    # Square's budget (alone and in autoattack)
+    apgd_targets: int = 9                         # APGD-T's target classes
     global_batch_size: int | None = None   # None: 128 rounded up to a multiple of the replicas
     use_ema: bool = True                   # evaluate EMA weights when the run kept them
     sanity_epsilon: float | None = 64.0    # extra PGD-20 at this epsilon: must reach ~0 (None: off)
@@ -390,6 +402,12 @@ class EvalConfig:
             raise UserError(f"Invalid attack modes (); valid choices: {', '.join(ATTACK_MODES)}.")
         for m in self.attack_modes:
             _choice("attack mode", m, ATTACK_MODES)
+        if not self.attacks:
+            raise UserError(f"Invalid attacks (); valid choices: {', '.join(ATTACK_METHODS)}.")
+        for m in self.attacks:
+            _choice("attack", m, ATTACK_METHODS)
+        _positive("Square queries", self.square_queries)
+        _positive("APGD-T target classes", self.apgd_targets)
         if self.global_batch_size is not None:
             _positive("eval batch size", self.global_batch_size)
         if self.sanity_epsilon is not None:
@@ -422,6 +440,11 @@ class Experiment:
     def validate(self) -> "Experiment":
         for name in _SECTION_TYPES:
             getattr(self, name).validate()
+        for name in ("train_attack", "eval_attack"):
+            if getattr(self, name).method != "pgd":
+                raise UserError(f"Invalid {name}.method {getattr(self, name).method!r}; "
+                                "training and the run's own evaluations attack with 'pgd' "
+                                "(the other methods are for run/eval.py --attacks).")
         self._check_remote_tpu_paths()
         return self
 
@@ -453,14 +476,29 @@ class Experiment:
         return tuple(sorted(int(s) for s in steps)), tuple(sorted(float(e) for e in epsilons))
 
     def evaluation_attacks(self) -> list[AttackConfig]:
-        """Every attack of the robustness protocol: mode x epsilon x steps (in that nesting
-        order) of :meth:`evaluation_grid`, each with ``eval_attack``'s step size and random
-        start, never starting from the clean image."""
+        """Every attack of the robustness protocol, method by method (``evaluation.attacks``):
+        pgd: mode x epsilon x steps (in that nesting order) of :meth:`evaluation_grid`;
+        apgd-ce, apgd-t and autoattack: epsilon x steps (APGD iterations); square: epsilon
+        (``evaluation.square_queries`` queries). Each takes ``eval_attack``'s random start and
+        never starts from the clean image; pgd takes its step size (APGD adapts its own)."""
+        ev = self.evaluation
         steps, epsilons = self.evaluation_grid()
-        return [AttackConfig(epsilon=eps, step_size=float(self.eval_attack.step_size),
-                             num_steps=n, random_start=self.eval_attack.random_start,
-                             clean_start_prob=0.0, mode=mode)
-                for mode in self.evaluation.attack_modes for eps in epsilons for n in steps]
+        common = dict(step_size=float(self.eval_attack.step_size), clean_start_prob=0.0,
+                      random_start=self.eval_attack.random_start, num_targets=ev.apgd_targets,
+                      queries=ev.square_queries)
+        out = []
+        for method in dict.fromkeys(ev.attacks):
+            if method == "pgd":
+                out += [AttackConfig(epsilon=eps, num_steps=n, mode=mode, **common)
+                        for mode in ev.attack_modes for eps in epsilons for n in steps]
+            elif method == "square":
+                out += [AttackConfig(epsilon=eps, num_steps=0, method=method, **common)
+                        for eps in epsilons]
+            else:
+                mode = "targeted" if method == "apgd-t" else "untargeted"
+                out += [AttackConfig(epsilon=eps, num_steps=n, mode=mode, method=method,
+                                     **common) for eps in epsilons for n in steps]
+        return out
 
     def replace(self, **overrides) -> "Experiment":
         """A deep copy with dotted-path overrides: ``exp.replace(**{"model.activation": "silu"})``."""

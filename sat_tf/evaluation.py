@@ -10,7 +10,13 @@ with a strategy, and counts per example:
   as robust to an attack only if no restart fooled it; also, unconditioned on the clean
   prediction, how many adversarial images are classified correctly ("adversarial_correct",
   which a working untargeted attack never makes exceed the clean count). Restart r of every
-  attack draws the same random start direction and random targets;
+  attack draws the same random start direction and random targets. Attacks are those of
+  ``sat_tf.autoattack`` by their ``method`` (PGD, APGD-CE, APGD-T, Square); an "autoattack"
+  attack is the AutoAttack sequence, each stage (with its restarts) only on the examples still
+  robust, with the count still robust after each stage ("stages");
+* for each attack, the forward and backward passes it spent, per example (the algorithms'
+  count: ``sat_tf.autoattack``; the evaluator's own classification of the result is not
+  counted);
 * ``robust``: the worst case over all attacks run — robust only if every attack failed;
 * input-gradient health on the clean images (all-zero or non-finite gradients hint at
   gradient masking).
@@ -26,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from sat_tf import attacks as attacks_lib
+from sat_tf import autoattack as autoattack_lib
 from sat_tf.config import AttackConfig
 from sat_tf.errors import UserError
 
@@ -36,10 +43,12 @@ def _call(model, images):
     return model(images)
 
 
-def _batch_counts(model, images, labels, mask, attack_list, restarts, seed, num_robust):
+def _batch_counts(model, images, labels, mask, attack_list, restarts, seed, num_robust,
+                  compact=True):
     """Per-replica sums for one batch (runs inside strategy.run / tf.function).
 
     Only the first ``num_robust`` attacks enter the worst case; the rest are diagnostics.
+    ``compact``: attacks that run on some examples only gather them (``sat_tf.autoattack``).
     """
     labels = tf.cast(labels, tf.int32)
     mask = tf.cast(mask, tf.float32)
@@ -56,29 +65,47 @@ def _batch_counts(model, images, labels, mask, attack_list, restarts, seed, num_
     top1 = tf.math.in_top_k(labels, logits, 1)
     top5 = tf.math.in_top_k(labels, logits, k)
     robust = top1
-    per_attack, per_attack_adv = [], []
+    per_attack, per_attack_adv, forward, backward, stages = [], [], [], [], []
+    masked = lambda b: tf.reduce_sum(tf.cast(b, tf.float32) * mask)
+    classify = lambda x: tf.argmax(tf.cast(_call(model, x), tf.float32), axis=-1,
+                                   output_type=tf.int32)
     # Restart r of every attack uses the same seed: the same random-start direction and the
     # same random targets (common random numbers), so that attacks differing only in steps or
     # epsilon are compared on equal draws.
     restart_seeds = [tf.random.experimental.stateless_fold_in(seed, r, alg=attacks_lib.RNG_ALG)
                      for r in range(restarts)]
     for a, cfg in enumerate(attack_list):
-        correct = top1
-        adv_correct = tf.ones_like(top1)
-        for s in restart_seeds:
-            adv = attacks_lib.pgd(model, images, labels, cfg, seed=s)
-            pred = tf.argmax(tf.cast(_call(model, adv), tf.float32), axis=-1, output_type=tf.int32)
-            adv_correct = tf.logical_and(adv_correct, tf.equal(pred, labels))
-        correct = tf.logical_and(correct, adv_correct)
-        per_attack.append(tf.reduce_sum(tf.cast(correct, tf.float32) * mask))
-        per_attack_adv.append(tf.reduce_sum(tf.cast(adv_correct, tf.float32) * mask))
+        if cfg.method == "autoattack":
+            out, after = autoattack_lib.autoattack(model, images, labels, cfg,
+                                                   seeds=restart_seeds, compact=compact)
+            adv_correct = tf.equal(classify(out.images), labels)
+            correct = tf.logical_and(after[-1], adv_correct)
+            fwd, bwd = out.forward, out.backward
+        else:
+            adv_correct = tf.ones_like(top1)
+            fwd = bwd = tf.zeros_like(mask)
+            for s in restart_seeds:
+                out = autoattack_lib.run(model, images, labels, cfg, seed=s, compact=compact)
+                adv_correct = tf.logical_and(adv_correct, tf.equal(classify(out.images), labels))
+                fwd, bwd = fwd + out.forward, bwd + out.backward
+            correct = tf.logical_and(top1, adv_correct)
+            after = correct[None]
+        per_attack.append(masked(correct))
+        per_attack_adv.append(masked(adv_correct))
+        forward.append(masked(fwd))
+        backward.append(masked(bwd))
+        # Still robust after each stage (one stage for a single attack), padded with zeros.
+        counts = [masked(after[i]) for i in range(after.shape[0])]
+        stages.append(tf.stack(counts + [tf.constant(0.0)] * (
+            autoattack_lib.MAX_STAGES - len(counts))))
         if a < num_robust:
             robust = tf.logical_and(robust, correct)
 
-    masked = lambda b: tf.reduce_sum(tf.cast(b, tf.float32) * mask)
     stack = lambda xs: tf.stack(xs) if xs else tf.zeros([0], tf.float32)
     return (tf.reduce_sum(mask), masked(top1), masked(top5), stack(per_attack),
-            stack(per_attack_adv), masked(robust), masked(zero), masked(nonfinite))
+            stack(per_attack_adv), masked(robust), masked(zero), masked(nonfinite),
+            stack(forward), stack(backward),
+            tf.stack(stages) if stages else tf.zeros([0, autoattack_lib.MAX_STAGES]))
 
 
 def pad_forever(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -133,11 +160,14 @@ class Evaluator:
       seed: base seed; batch b on replica r attacks with seed fold_in((seed, b), r).
       diagnostic_attacks: attacks counted like the others but kept out of ``robust`` (sanity
         checks, e.g. a very large epsilon); reported under "diagnostic_attacks".
+      compact: run attacks meant for some examples only (AutoAttack's stages, APGD-T's
+        targets) on those examples gathered into a smaller batch; None: yes, except on a TPU
+        (fixed shapes there: ``sat_tf.autoattack``).
     """
 
     def __init__(self, model, attacks: Sequence[AttackConfig] = (), *, strategy=None,
                  restarts: int = 1, seed: int = 0,
-                 diagnostic_attacks: Sequence[AttackConfig] = ()):
+                 diagnostic_attacks: Sequence[AttackConfig] = (), compact: bool | None = None):
         if restarts < 1:
             raise ValueError(f"Invalid restarts {restarts!r}; it must be >= 1.")
         self.model = model
@@ -146,6 +176,8 @@ class Evaluator:
         self.restarts = restarts
         self.seed = seed
         self.strategy = strategy or tf.distribute.get_strategy()
+        self.compact = (not isinstance(self.strategy, tf.distribute.TPUStrategy)
+                        if compact is None else compact)
         self._run_batch = tf.function(self._batch)
 
     def _batch(self, inputs, batch_index):
@@ -158,7 +190,7 @@ class Evaluator:
 
             def counts():
                 return _batch_counts(self.model, images, labels, mask, self.attack_list,
-                                     self.restarts, s, self.num_robust)
+                                     self.restarts, s, self.num_robust, self.compact)
 
             # A batch of padding only (a host past its last example) costs no attack.
             return tf.cond(tf.reduce_any(mask > 0), counts,
@@ -211,17 +243,23 @@ class Evaluator:
         return self._result(totals, batches, time.time() - start)
 
     def _result(self, totals, batches: int, seconds: float) -> dict:
-        n, top1, top5, per_attack, per_attack_adv, robust, zero, nonfinite = totals
+        (n, top1, top5, per_attack, per_attack_adv, robust, zero, nonfinite, forward,
+         backward, stages) = totals
         n, top1, top5, robust, zero, nonfinite = map(
             float, (n, top1, top5, robust, zero, nonfinite))
         frac = lambda c: float(c) / n if n else 0.0
-        attack_results = [
-            {"config": dataclasses.asdict(cfg), "restarts": self.restarts,
-             "correct": int(round(c)), "accuracy": frac(c),
-             "adversarial_correct": int(round(ac)), "adversarial_accuracy": frac(ac)}
-            for cfg, c, ac in zip(self.attack_list, np.atleast_1d(per_attack),
-                                  np.atleast_1d(per_attack_adv))
-        ]
+        attack_results = []
+        for a, cfg in enumerate(self.attack_list):
+            c, ac = np.atleast_1d(per_attack)[a], np.atleast_1d(per_attack_adv)[a]
+            row = {"config": dataclasses.asdict(cfg), "restarts": self.restarts,
+                   "correct": int(round(c)), "accuracy": frac(c),
+                   "adversarial_correct": int(round(ac)), "adversarial_accuracy": frac(ac),
+                   "forward_passes_per_example": frac(np.atleast_1d(forward)[a]),
+                   "backward_passes_per_example": frac(np.atleast_1d(backward)[a])}
+            if cfg.method == "autoattack":
+                row["stages"] = [{"stage": name, "correct": int(round(k)), "accuracy": frac(k)}
+                                 for name, k in zip(autoattack_lib.STAGES, stages[a])]
+            attack_results.append(row)
         return {
             "examples": int(round(n)),
             "batches": batches,
@@ -242,7 +280,8 @@ def _zero_counts(num_attacks: int):
     """The structure :func:`_batch_counts` returns, all zeros."""
     z = tf.constant(0.0)
     per_attack = tf.zeros([num_attacks], tf.float32)
-    return (z, z, z, per_attack, per_attack, z, z, z)
+    return (z, z, z, per_attack, per_attack, z, z, z, per_attack, per_attack,
+            tf.zeros([num_attacks, autoattack_lib.MAX_STAGES]))
 
 
 def evaluate(model, dataset, attacks: Sequence[AttackConfig] = (), *, strategy=None,

@@ -60,11 +60,24 @@ def _num(v) -> str:
 
 
 def attack_name(cfg: dict | AttackConfig) -> str:
-    """E.g. "PGD-10 eps 4 step 1 untargeted" (targeted: "... targeted")."""
+    """E.g. "PGD-10 eps 4 step 1 untargeted" (targeted: "... targeted"), "APGD-CE-100 eps 4",
+    "APGD-T-100 eps 4 9 targets", "Square-5000 eps 4", "AutoAttack eps 4 (APGD-100, 9
+    targets, Square-5000)"."""
     if isinstance(cfg, AttackConfig):
         cfg = dataclasses.asdict(cfg)
-    name = (f"PGD-{cfg['num_steps']} eps {_num(cfg['epsilon'])} step {_num(cfg['step_size'])} "
-            f"{cfg['mode']}")
+    method, eps = cfg.get("method", "pgd"), _num(cfg["epsilon"])
+    if method == "pgd":
+        name = (f"PGD-{cfg['num_steps']} eps {eps} step {_num(cfg['step_size'])} "
+                f"{cfg['mode']}")
+    elif method == "apgd-ce":
+        name = f"APGD-CE-{cfg['num_steps']} eps {eps}"
+    elif method == "apgd-t":
+        name = f"APGD-T-{cfg['num_steps']} eps {eps} {cfg['num_targets']} targets"
+    elif method == "square":
+        return f"Square-{cfg['queries']} eps {eps}"
+    else:
+        name = (f"AutoAttack eps {eps} (APGD-{cfg['num_steps']}, {cfg['num_targets']} targets, "
+                f"Square-{cfg['queries']})")
     if not cfg.get("random_start", True):
         name += " no-random-start"
     if cfg.get("backward"):
@@ -157,6 +170,8 @@ def sanity_checks(result: dict, *, tolerance: float = 0.005) -> list[dict]:
     by_budget = defaultdict(dict)
     for a in attacks:
         c = a["config"]
+        if c.get("method", "pgd") != "pgd":
+            continue
         by_budget[(c["epsilon"], c["step_size"], c["num_steps"])][c["mode"]] = a
     pairs = [m for m in by_budget.values() if len(m) == 2]
     if not pairs:
@@ -232,12 +247,14 @@ def format_table(report: dict) -> str:
     m = report["model"]
     rows = [("clean top-1", report["clean_top1"], report["clean_correct"]),
             ("clean top-5", report["clean_top5"], None)]
-    rows += [(f"{a['name']} x{a['restarts']}", a["accuracy"], a["correct"])
-             for a in report["attacks"]]
+    for a in report["attacks"]:
+        rows.append((f"{a['name']} x{a['restarts']}", a["accuracy"], a["correct"], _passes(a)))
+        rows += [(f"  after {s['stage']}", s["accuracy"], s["correct"], None)
+                 for s in a.get("stages", [])]
     if report["attacks"]:
         rows.append((f"robust (worst of {len(report['attacks'])})", report["robust"],
                      report["robust_correct"]))
-    rows += [(f"[check] {a['name']} x{a['restarts']}", a["accuracy"], a["correct"])
+    rows += [(f"[check] {a['name']} x{a['restarts']}", a["accuracy"], a["correct"], _passes(a))
              for a in report.get("diagnostic_attacks", [])]
     width = max(len(r[0]) for r in rows) + 2
     desc = f"{m.get('name', '?')} ({m.get('activation', '?')})"
@@ -245,11 +262,14 @@ def format_table(report: dict) -> str:
         desc += f", step {m['step']}"
     if m.get("weights"):
         desc += f", {m['weights']} weights"
+    cwidth = len(f"{n}/{n}")
     lines = [f"model: {desc}; {report['data'].get('dataset', '?')} eval split, {n} examples",
-             f"{'':<{width}}{'accuracy':>9}  correct"]
-    for name, acc, correct in rows:
-        tail = f"  {correct}/{n}" if correct is not None else ""
-        lines.append(f"{name:<{width}}{100.0 * acc:>8.2f}%{tail}")
+             f"{'':<{width}}{'accuracy':>9}  {'correct':<{cwidth}}  passes/example fwd+bwd"]
+    for name, acc, correct, *passes in rows:
+        tail = f"  {f'{correct}/{n}':<{cwidth}}" if correct is not None else ""
+        if passes and passes[0]:
+            tail += f"  {passes[0]}"
+        lines.append(f"{name:<{width}}{100.0 * acc:>8.2f}%{tail}".rstrip())
     paper = report.get("paper") or {}
     if paper.get("clean") is not None or paper.get("robust") is not None:
         fmt = lambda v: "-" if v is None else f"{v:.1f}%"
@@ -261,6 +281,14 @@ def format_table(report: dict) -> str:
     lines.append(f"time: {report['seconds']:.1f} s "
                  f"({report['examples_per_second']:.1f} examples/s)")
     return "\n".join(lines)
+
+
+def _passes(attack: dict) -> str | None:
+    """"fwd+bwd" passes per example of a report's attack row (None in older reports)."""
+    if "forward_passes_per_example" not in attack:
+        return None
+    return (f"{attack['forward_passes_per_example']:.1f}+"
+            f"{attack['backward_passes_per_example']:.1f}")
 
 
 # ---------------------------------------------------------------------------------------------

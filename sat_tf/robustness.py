@@ -60,6 +60,8 @@ class ProtocolOverrides:
     attack_step_size: float | None = None
     attack_restarts: int | None = None
     attack_modes: tuple[str, ...] | None = None
+    attacks: tuple[str, ...] | None = None
+    square_queries: int | None = None
     random_start: bool | None = None
     sanity_epsilon: float | None = None     # 0: no sanity attack
     global_batch_size: int | None = None
@@ -160,6 +162,11 @@ def evaluate(request: EvalRequest, *, log: Callable[[str], None] = print) -> dic
     cfg = exp.evaluation
     cfg.global_batch_size = distribute.eval_batch_size(cfg.global_batch_size, strategy)
     split = data.info(exp.data)
+    needs_four = sorted({"apgd-t", "autoattack"} & set(cfg.attacks))
+    if needs_four and loaded.num_classes < 4:
+        raise UserError(f"Invalid attacks {','.join(needs_four)} for a model with "
+                        f"{loaded.num_classes} classes: the targeted DLR loss needs at least 4; "
+                        "use pgd, apgd-ce or square.")
     if split.num_classes is not None and split.num_classes > loaded.num_classes:
         raise UserError(f"The model has {loaded.num_classes} classes but dataset "
                         f"{exp.data.dataset!r} has {split.num_classes}; evaluate it on its own "
@@ -193,7 +200,9 @@ def evaluate(request: EvalRequest, *, log: Callable[[str], None] = print) -> dic
         "given_by_flags": request.protocol.given(),
         "attack_steps": list(steps), "attack_epsilons": list(epsilons),
         "attack_step_size": own.step_size, "attack_restarts": cfg.attack_restarts,
-        "attack_modes": list(cfg.attack_modes), "random_start": own.random_start,
+        "attack_modes": list(cfg.attack_modes), "attacks": list(cfg.attacks),
+        "square_queries": cfg.square_queries, "apgd_targets": cfg.apgd_targets,
+        "random_start": own.random_start,
         "sanity_epsilon": cfg.sanity_epsilon, "seed": cfg.seed,
         "global_batch_size": cfg.global_batch_size, "max_batches": cfg.max_batches,
         "strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,

@@ -76,6 +76,9 @@ def test_bad_flags_fail_fast_without_tensorflow(run_dir, tmp_path):
         (EVAL, [f"--model_dir={run_dir}", "--attack_mode=sideways"],
          "Invalid attack mode 'sideways'; valid choices: untargeted, targeted"),
         (EVAL, [f"--model_dir={run_dir}", "--attack_restarts=0"], "Invalid attack restarts 0"),
+        (EVAL, [f"--model_dir={run_dir}", "--attacks=pgd,fab-t"],
+         "Invalid attack 'fab-t'; valid choices: pgd, apgd-ce, apgd-t, square, autoattack"),
+        (EVAL, [f"--model_dir={run_dir}", "--square_queries=0"], "Invalid Square queries 0"),
         (EVAL, [f"--model_dir={run_dir}", "--eval_batch_size=0"], "Invalid eval batch size 0"),
         (EVAL, [f"--model_dir={run_dir}", "--dataset=mnist"], "Invalid dataset 'mnist'"),
         (EVAL, [f"--model_dir={run_dir}", "--strategy=warp"], "Invalid strategy 'warp'"),
@@ -170,6 +173,40 @@ def test_evaluate_in_process(run_dir):
     assert report["model"]["source"] == "checkpoint" and report["paper"]["clean"] == 50.0
     assert request.report_path(report["model"]["step"]) == os.path.join(
         run_dir, "eval_report_step6.json")
+
+
+def test_autoattack_from_the_command_line(run_dir, tmp_path):
+    """--attacks: one row per attack and the worst case; AutoAttack's rows after each stage
+    (non-increasing, ending at its own count); each row's passes per example."""
+    path = str(tmp_path / "aa.json")
+    out, _ = finish(start(EVAL, f"--model_dir={run_dir}", f"--report={path}",
+                          "--attacks=pgd,apgd-ce,square,autoattack", "--attack_steps=2",
+                          "--attack_epsilon=8", "--square_queries=10", "--sanity_epsilon=0"))
+    r = json.load(open(path))
+    rows = {a["name"]: a for a in r["attacks"]}
+    assert list(rows) == ["PGD-2 eps 8 step 1 untargeted", "APGD-CE-2 eps 8", "Square-10 eps 8",
+                          "AutoAttack eps 8 (APGD-2, 9 targets, Square-10)"]
+    assert r["protocol"]["attacks"] == ["pgd", "apgd-ce", "square", "autoattack"]
+    assert r["protocol"]["given_by_flags"] == ["attack_epsilons", "attack_steps", "attacks",
+                                               "sanity_epsilon", "square_queries"]
+    aa = rows["AutoAttack eps 8 (APGD-2, 9 targets, Square-10)"]
+    stages = [s["correct"] for s in aa["stages"]]
+    assert [s["stage"] for s in aa["stages"]] == ["apgd-ce", "apgd-t", "square"]
+    assert r["clean_correct"] >= stages[0] >= stages[1] >= stages[2] >= aa["correct"]
+    assert r["robust_correct"] <= min(a["correct"] for a in r["attacks"])
+    # PGD-2: 2 + 2 passes; APGD-CE-2: 3 + 3; Square: 1..10 forward, none backward.
+    assert (rows["PGD-2 eps 8 step 1 untargeted"]["forward_passes_per_example"],
+            rows["PGD-2 eps 8 step 1 untargeted"]["backward_passes_per_example"]) == (2.0, 2.0)
+    assert rows["APGD-CE-2 eps 8"]["backward_passes_per_example"] == 3.0
+    sq = rows["Square-10 eps 8"]
+    assert 1.0 <= sq["forward_passes_per_example"] <= 10.0
+    assert sq["backward_passes_per_example"] == 0.0
+    # AutoAttack's APGD-CE stage runs on the clean-correct examples only.
+    clean = r["clean_correct"] / r["examples"]
+    assert aa["backward_passes_per_example"] >= 3.0 * clean - 1e-9
+    for line in ("AutoAttack eps 8 (APGD-2, 9 targets, Square-10) x1", "  after apgd-t",
+                 "  after square", "robust (worst of 4)", "passes/example fwd+bwd"):
+        assert line in out, out
 
 
 def test_noema_loads_the_raw_weights(run_dir):

@@ -1,0 +1,116 @@
+"""The Square attack (Andriushchenko et al., "Square Attack: a query-efficient black-box
+adversarial attack via random search", ECCV 2020), L-infinity, in pixel units.
+
+Gradient-free: it only calls the model forward (``training=False``), so it is the attack that
+masked, shattered or useless gradients cannot stop. A pure function like
+:func:`sat_tf.attacks.pgd`: stateless random numbers from ``seed``, a graph loop, usable
+eagerly, inside ``strategy.run`` and under ``jit_compile=True``.
+
+The search, per example, on the margin loss m(x) = z_y − max_{i≠y} z_i:
+
+* start: vertical stripes, every column of every channel at x ± ε (random signs);
+* each query: a random square window of side s (uniform position), every channel of it set to
+  x ± ε (a random sign per channel), projected into [0, 255]; the candidate is kept when it
+  lowers the margin; the example is done once its margin is < 0 (misclassified; the paper's
+  code stops at ≤ 0, where a tie may still be classified correctly);
+* s = round(sqrt(p · H · W)), at least 1 and at most the image's side, with p = p_init
+  (0.8) halved after 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 of 10,000 queries
+  (the schedule rescaled to the budget): :func:`fraction`.
+
+The window and signs are drawn per example (as in the paper's algorithm; the AutoAttack code
+draws one window for the whole batch). The query budget counts every forward pass an example
+takes, the start's included.
+"""
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+from sat_tf.attacks import PIXEL_MAX, PIXEL_MIN, RNG_ALG, _logits, _seed
+
+P_INIT = 0.8
+# Queries (of 10,000) after which p halves; the schedule is rescaled to the budget.
+HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+
+def fraction(query, num_queries: int, p_init: float = P_INIT):
+    """The fraction p of the image a window covers at ``query`` (0-based, after the start)."""
+    it = tf.floor(tf.cast(query, tf.float32) / float(num_queries) * 10000.0)
+    halvings = tf.reduce_sum(tf.cast(it > tf.constant(HALVINGS, tf.float32), tf.float32))
+    return p_init / tf.pow(2.0, halvings)
+
+
+def margin(logits, labels):
+    """z_y − max_{i≠y} z_i per example (< 0: misclassified)."""
+    logits = tf.cast(logits, tf.float32)
+    onehot = tf.one_hot(labels, tf.shape(logits)[-1], on_value=True, off_value=False)
+    z_y = tf.reduce_sum(tf.where(onehot, logits, 0.0), axis=-1)
+    return z_y - tf.reduce_max(tf.where(onehot, -float("inf"), logits), axis=-1)
+
+
+def square(model, images, labels, *, epsilon: float, num_queries: int = 5000,
+           p_init: float = P_INIT, seed=None, return_queries: bool = False):
+    """The L-infinity Square attack with at most ``num_queries`` forward passes per example.
+
+    Returns ``tf.stop_gradient`` of the adversarial images inside [x − ε, x + ε] ∩ [0, 255]
+    (a misclassified point where one was found, else the lowest-margin point), and with
+    ``return_queries`` also the float32 [batch] number of forward passes each example took.
+    """
+    x = tf.convert_to_tensor(images, tf.float32)
+    labels = tf.cast(labels, tf.int32)
+    eps = tf.constant(float(epsilon), tf.float32)
+    seed = _seed(seed)
+    _, h, w, c = x.shape
+    fold = lambda i: tf.random.experimental.stateless_fold_in(seed, i, alg=RNG_ALG)
+    sign = lambda shape, s: tf.where(
+        tf.random.stateless_uniform(shape, s, alg=RNG_ALG) < 0.5, -1.0, 1.0)
+    query = lambda x_adv: margin(_logits(model, x_adv), labels)
+    batch = tf.shape(x)[0]
+
+    stripes = sign(tf.stack([batch, 1, w, c]), fold(0))
+    x_best = tf.clip_by_value(x + eps * stripes, PIXEL_MIN, PIXEL_MAX)
+    m_best = query(x_best)
+    queries = tf.ones_like(m_best)
+    if num_queries <= 1:
+        return _out(x_best, queries, return_queries)
+
+    rows = tf.reshape(tf.range(h, dtype=tf.float32), [1, h, 1, 1])
+    cols = tf.reshape(tf.range(w, dtype=tf.float32), [1, 1, w, 1])
+
+    def body(i, x_best, m_best, queries):
+        s = tf.round(tf.sqrt(fraction(i, num_queries, p_init) * float(h * w)))
+        s = tf.clip_by_value(s, 1.0, float(min(h, w)))
+        draw = fold(i + 1)
+        corner = tf.floor(tf.random.stateless_uniform(
+            tf.stack([batch, 2]), draw, alg=RNG_ALG) * (tf.constant([h, w], tf.float32) - s + 1.0))
+        top = tf.reshape(corner[:, 0], [-1, 1, 1, 1])
+        left = tf.reshape(corner[:, 1], [-1, 1, 1, 1])
+        window = ((rows >= top) & (rows < top + s)) & ((cols >= left) & (cols < left + s))
+        signs = sign(tf.stack([batch, 1, 1, c]),
+                     tf.random.experimental.stateless_fold_in(draw, 1, alg=RNG_ALG))
+        candidate = tf.where(window, tf.clip_by_value(x + eps * signs, PIXEL_MIN, PIXEL_MAX),
+                             x_best)
+        active = m_best >= 0.0
+        m_new = query(candidate)
+        keep = tf.logical_and(active, m_new < m_best)
+        x_best = tf.where(tf.reshape(keep, [-1, 1, 1, 1]), candidate, x_best)
+        return (i + 1, x_best, tf.where(keep, m_new, m_best),
+                queries + tf.cast(active, tf.float32))
+
+    _, x_best, m_best, queries = tf.while_loop(
+        lambda i, _x, m, _q: tf.logical_and(i < num_queries - 1, tf.reduce_any(m >= 0.0)),
+        body, (tf.constant(0), x_best, m_best, queries), maximum_iterations=num_queries - 1)
+    return _out(x_best, queries, return_queries)
+
+
+def _out(x_best, queries, return_queries):
+    x_best = tf.stop_gradient(x_best)
+    return (x_best, queries) if return_queries else x_best
+
+
+def window_side(query: int, num_queries: int, height: int, width: int,
+                p_init: float = P_INIT) -> int:
+    """The window's side at ``query`` (plain Python, for reading and tests)."""
+    p = float(fraction(query, num_queries, p_init))
+    return int(min(max(round(math.sqrt(p * height * width)), 1), min(height, width)))
