@@ -45,8 +45,11 @@ setup(
         # ships two real JPEG photos (china.jpg, flower.jpg) that the data tests build an
         # ImageNet-style folder tree from; matplotlib for the figures; setuptools because
         # tests/test_install.py builds this package's metadata from setup.py (Python >= 3.12
-        # venvs come without it).
-        "test": ["pytest>=7", "scikit-learn>=1.0", "matplotlib>=3.5", "setuptools"],
+        # venvs come without it); the Adversarial Robustness Toolbox (numpy, scipy,
+        # scikit-learn; no TensorFlow of its own) is the independent APGD and Square that
+        # tests/test_autoattack_reference.py compares ours with.
+        "test": ["pytest>=7", "scikit-learn>=1.0", "matplotlib>=3.5", "setuptools",
+                 "adversarial-robustness-toolbox>=1.17"],
         "plot": ["matplotlib>=3.5"],
         # bench/step_time.py --peer=torch (the PyTorch CPU build is enough); not installed by CI.
         "bench": ["torch>=2.1"],

@@ -51,15 +51,16 @@ def results_lines(paths: list[str]) -> list[str]:
     for path in paths:
         r = reports.read_json(path)
         paper = r.get("paper") or {}
-        ours_attack = max((a["config"]["num_steps"] for a in r["attacks"]), default=0)
         rows.append((r["model"].get("experiment_name") or r["model"].get("name") or path,
-                     100 * r["clean_top1"], 100 * r["robust"], f"worst to PGD-{ours_attack}",
+                     100 * r["clean_top1"], 100 * r["robust"],
+                     f"worst to {reports.strongest(r['attacks'])}",
                      paper.get("clean"), paper.get("robust"), r["sanity"]))
     width = max([len(row[0]) for row in rows] + [10])
-    lines = [f"{'experiment':<{width}}  {'clean':>5}  {'robust':>6}  {'attack':<15}  "
+    awidth = max([len(row[3]) for row in rows] + [15])
+    lines = [f"{'experiment':<{width}}  {'clean':>5}  {'robust':>6}  {'attack':<{awidth}}  "
              f"{'paper clean':>11}  {'paper robust':>12}  sanity"]
     for name, clean, robust, attack, p_clean, p_robust, sanity in rows:
-        lines.append(f"{name:<{width}}  {clean:5.1f}  {robust:6.1f}  {attack:<15}  "
+        lines.append(f"{name:<{width}}  {clean:5.1f}  {robust:6.1f}  {attack:<{awidth}}  "
                      f"{_number(p_clean):>11}  {_number(p_robust):>12}  {sanity}")
     return lines
 

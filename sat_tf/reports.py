@@ -85,6 +85,20 @@ def attack_name(cfg: dict | AttackConfig) -> str:
     return name
 
 
+def strongest(attacks: list[dict]) -> str:
+    """The attacks of a report's rows in short, each method at its largest budget:
+    "PGD-20", "PGD-200+AutoAttack-100", "Square-5000" ("PGD-0" when none ran)."""
+    short = {"pgd": "PGD", "apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "square": "Square",
+             "autoattack": "AutoAttack"}
+    budgets = {}
+    for a in attacks:
+        c = a["config"]
+        method = c.get("method", "pgd")
+        budget = c["queries"] if method == "square" else c["num_steps"]
+        budgets[method] = max(budgets.get(method, 0), budget)
+    return "+".join(f"{short[m]}-{b}" for m, b in budgets.items()) or "PGD-0"
+
+
 # ---------------------------------------------------------------------------------------------
 # Sanity checks.
 

@@ -17,9 +17,18 @@ The search, per example, on the margin loss m(x) = z_y − max_{i≠y} z_i:
   (0.8) halved after 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 of 10,000 queries
   (the schedule rescaled to the budget): :func:`fraction`.
 
-The window and signs are drawn per example (as in the paper's algorithm; the AutoAttack code
-draws one window for the whole batch). The query budget counts every forward pass an example
-takes, the start's included.
+Departures from the authors' code (fra31/auto-attack and the original Square release):
+
+* the window and signs are drawn per example, as in the paper's algorithm (the AutoAttack code
+  draws one window for the whole batch);
+* the window's corner is uniform over all h − s + 1 rows and w − s + 1 columns (their
+  ``randint(0, h - s)`` never places a window on the last row or column: on 8×8 images 15 of
+  64 pixels were out of its reach, and ART's copy of it was 13 points weaker on the digits of
+  tests/test_autoattack_reference.py);
+* signs that would change nothing in the window are redrawn up to 8 times (theirs: until
+  something changes).
+
+The query budget counts every forward pass an example takes, the start's included.
 """
 from __future__ import annotations
 
@@ -30,6 +39,7 @@ import tensorflow as tf
 from sat_tf.attacks import PIXEL_MAX, PIXEL_MIN, RNG_ALG, _logits, _seed
 
 P_INIT = 0.8
+SIGN_ATTEMPTS = 8
 # Queries (of 10,000) after which p halves; the schedule is rescaled to the budget.
 HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
@@ -87,8 +97,8 @@ def square(model, images, labels, *, epsilon: float, num_queries: int = 5000,
         top = tf.reshape(corner[:, 0], [-1, 1, 1, 1])
         left = tf.reshape(corner[:, 1], [-1, 1, 1, 1])
         window = ((rows >= top) & (rows < top + s)) & ((cols >= left) & (cols < left + s))
-        signs = sign(tf.stack([batch, 1, 1, c]),
-                     tf.random.experimental.stateless_fold_in(draw, 1, alg=RNG_ALG))
+        signs = _changing_signs(x, x_best, window, eps, tf.random.experimental.stateless_fold_in(
+            draw, 1, alg=RNG_ALG))
         candidate = tf.where(window, tf.clip_by_value(x + eps * signs, PIXEL_MIN, PIXEL_MAX),
                              x_best)
         active = m_best >= 0.0
@@ -102,6 +112,22 @@ def square(model, images, labels, *, epsilon: float, num_queries: int = 5000,
         lambda i, _x, m, _q: tf.logical_and(i < num_queries - 1, tf.reduce_any(m >= 0.0)),
         body, (tf.constant(0), x_best, m_best, queries), maximum_iterations=num_queries - 1)
     return _out(x_best, queries, return_queries)
+
+
+def _changing_signs(x, x_best, window, eps, seed, attempts: int = SIGN_ATTEMPTS):
+    """[batch, 1, 1, C] random channel signs for the window, redrawn (up to ``attempts``
+    draws) where a draw would leave the window as it is: a query that changes nothing is
+    wasted (the authors' code redraws until something changes)."""
+    sign_of = lambda bound: tf.reduce_all(
+        tf.logical_or(tf.logical_not(window), tf.equal(
+            x_best, tf.clip_by_value(x + bound, PIXEL_MIN, PIXEL_MAX))), axis=[1, 2])
+    at_plus, at_minus = sign_of(eps), sign_of(-eps)           # [batch, C]
+    shape = tf.concat([[attempts], tf.shape(at_plus)], 0)
+    draws = tf.where(tf.random.stateless_uniform(shape, seed, alg=RNG_ALG) < 0.5, -1.0, 1.0)
+    unchanged = tf.reduce_all(tf.where(draws > 0, at_plus[None], at_minus[None]), axis=-1)
+    first = tf.argmax(tf.cast(tf.logical_not(unchanged), tf.int32), axis=0, output_type=tf.int32)
+    chosen = tf.gather(tf.transpose(draws, [1, 0, 2]), first, batch_dims=1)   # [batch, C]
+    return chosen[:, None, None, :]
 
 
 def _out(x_best, queries, return_queries):

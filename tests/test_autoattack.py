@@ -4,6 +4,7 @@ optimum on a linear model, a model with no useful gradient (where PGD cannot mov
 must still win, without ever asking for a gradient), determinism, XLA, and on a small network
 trained on real digits: APGD at least as strong as PGD, more iterations never helping the
 model, AutoAttack at least as strong as each of its parts."""
+import dataclasses
 import math
 
 import keras
@@ -200,6 +201,21 @@ def test_square_wins_where_gradients_are_useless_and_never_asks_for_one():
     assert (q >= 2).all() and (q <= 300).all()
 
 
+def test_square_redraws_signs_that_would_change_nothing():
+    """Every pixel already at x + eps: a window with all signs + would waste the query, so
+    the signs drawn always hold a - somewhere (3 channels, 8 draws: all + has probability
+    8^-8 per example); where the box clips x + eps and x - eps apart nothing is forced."""
+    x = tf.random.stateless_uniform([200, 6, 6, 3], [1, 1], 20.0, 230.0)
+    window = tf.random.stateless_uniform([200, 6, 6, 1], [2, 2]) < 0.3
+    signs = square._changing_signs(x, x + 8.0, window, 8.0, tf.constant([5, 5], tf.int64))
+    assert signs.shape == (200, 1, 1, 3)
+    assert set(np.unique(signs.numpy())) <= {-1.0, 1.0}
+    assert (signs.numpy().min(axis=-1) < 0).all()
+    # Without a constraint the draws are fair coins.
+    free = square._changing_signs(x, x, window, 8.0, tf.constant([5, 5], tf.int64)).numpy()
+    assert 0.4 < (free > 0).mean() < 0.6
+
+
 # ---- determinism, XLA, distribution --------------------------------------------------------
 
 def test_same_seed_same_images_other_seed_other_images():
@@ -225,15 +241,18 @@ def test_the_attacks_compile_with_xla():
     jit = tf.function(lambda: apgd.apgd(model, x, y, epsilon=8.0, num_steps=4, seed=SEED),
                       jit_compile=True)
     np.testing.assert_allclose(jit().numpy(), linear_optimum(w, x, y, 8.0), atol=1e-3)
+    # The evaluator's whole per-batch function with AutoAttack over fixed shapes, as a TPU
+    # compiles it (tests/test_tpu_readiness.py compiles the PGD one on a ResNet).
     net, xs = conv_net(), extreme_images()
     ys = tf.argmax(net(xs), -1, output_type=tf.int32)
-    cfg = config("autoattack", eps=16.0, steps=3)
-    compiled = tf.function(lambda: autoattack.autoattack(net, xs, ys, cfg, seeds=[SEED],
-                                                         compact=False), jit_compile=True)
-    out, robust = compiled()
-    assert np.abs(out.images.numpy() - xs.numpy()).max() <= 16.0 + 1e-3
-    r = robust.numpy()
-    assert (r[1] <= r[0]).all() and (r[2] <= r[1]).all()
+    mask = tf.constant([1.0] * 5 + [0.0])
+    cfg = dataclasses.replace(config("autoattack", eps=16.0, steps=2), num_targets=1)
+    compiled = tf.function(lambda: evaluation._batch_counts(
+        net, xs, ys, mask, [cfg], 1, SEED, 1, compact=False), jit_compile=True)
+    n, top1, _, correct, *_, stages = compiled()
+    assert float(n) == 5.0 and float(top1) == 5.0
+    after = stages.numpy()[0]
+    assert 5.0 >= after[0] >= after[1] >= after[2] >= float(correct[0])
 
 
 # ---- on a small network trained on real digits ---------------------------------------------

@@ -1,5 +1,6 @@
 """Evaluation reports: the attack grid, the sanity checks against hand-made and real results,
 JSON round trip, the printed table and the progress bar."""
+import dataclasses
 import io
 import json
 
@@ -10,6 +11,7 @@ import tensorflow as tf
 
 from sat_tf import activations, attacks, data, evaluation, reports
 from sat_tf.config import AttackConfig, DataConfig, EvalConfig, Experiment
+from sat_tf.errors import UserError
 
 SIZE = 16
 DATA = DataConfig(synthetic_image_size=SIZE, synthetic_train_examples=512,
@@ -61,6 +63,52 @@ def test_the_evaluation_attacks_are_the_full_grid_with_the_runs_own_attack():
     assert all(a.step_size == 0.5 and not a.random_start and a.clean_start_prob == 0.0
                for a in grid)
     assert reports.attack_name(grid[0]) == "PGD-10 eps 1 step 0.5 untargeted no-random-start"
+
+
+def test_each_attack_method_takes_its_part_of_the_grid():
+    """pgd: modes x epsilons x steps; APGD and AutoAttack: epsilons x steps (iterations), their
+    own modes; Square: one per epsilon at its query budget. Names say which is which."""
+    exp = Experiment(
+        eval_attack=AttackConfig(epsilon=4.0, step_size=1.0, num_steps=20),
+        evaluation=EvalConfig(attack_steps=(100,), attack_epsilons=(8.0,),
+                              attack_modes=("untargeted", "targeted"),
+                              attacks=("pgd", "apgd-ce", "apgd-t", "square", "autoattack"),
+                              square_queries=1000, apgd_targets=5))
+    grid = exp.evaluation_attacks()
+    by = lambda m: [(a.epsilon, a.num_steps, a.mode) for a in grid if a.method == m]
+    assert len(by("pgd")) == 8
+    assert by("apgd-ce") == [(4.0, 20, "untargeted"), (4.0, 100, "untargeted"),
+                             (8.0, 20, "untargeted"), (8.0, 100, "untargeted")]
+    assert [m for _, _, m in by("apgd-t")] == ["targeted"] * 4
+    assert [(e, a.queries) for a in grid if a.method == "square" for e in [a.epsilon]] == [
+        (4.0, 1000), (8.0, 1000)]
+    assert len(by("autoattack")) == 4
+    assert all(a.num_targets == 5 and a.clean_start_prob == 0.0 for a in grid)
+    first = {}
+    for a in grid:
+        first.setdefault(a.method, reports.attack_name(a))
+    assert first == {"pgd": "PGD-20 eps 4 step 1 untargeted", "apgd-ce": "APGD-CE-20 eps 4",
+                     "apgd-t": "APGD-T-20 eps 4 5 targets", "square": "Square-1000 eps 4",
+                     "autoattack": "AutoAttack eps 4 (APGD-20, 5 targets, Square-1000)"}
+    with pytest.raises(UserError, match="Invalid attack 'fab'; valid choices: pgd, apgd-ce, "
+                                        "apgd-t, square, autoattack"):
+        EvalConfig(attacks=("pgd", "fab")).validate()
+    with pytest.raises(UserError, match="Invalid Square queries 0"):
+        EvalConfig(square_queries=0).validate()
+    with pytest.raises(UserError, match="Invalid train_attack.method 'apgd-ce'; training"):
+        Experiment(train_attack=AttackConfig(method="apgd-ce")).validate()
+
+
+def test_the_strongest_attacks_in_short():
+    rows = lambda *cfgs: [{"config": dataclasses.asdict(c)} for c in cfgs]
+    assert reports.strongest(rows(AttackConfig(num_steps=10), AttackConfig(num_steps=200))) \
+        == "PGD-200"
+    assert reports.strongest(rows(AttackConfig(num_steps=20),
+                                  AttackConfig(num_steps=100, method="autoattack"),
+                                  AttackConfig(method="square", queries=5000))) == \
+        "PGD-20+AutoAttack-100+Square-5000"
+    old = {"config": {"epsilon": 4.0, "num_steps": 10}}       # a report from before --attacks
+    assert reports.strongest([old]) == "PGD-10" and reports.strongest([]) == "PGD-0"
 
 
 def test_large_epsilon_attack_can_cross_the_ball():

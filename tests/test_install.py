@@ -28,7 +28,7 @@ DUMMY_WHEELS = {
     "tensorflow": "2.21.0", "tensorflow-tpu": "2.20.0", "keras": "3.10.0",
     "tensorflow-datasets": "4.9.9", "importlib-resources": "6.5.2", "absl-py": "2.3.1",
     "numpy": "2.0.2", "pillow": "11.3.0", "pytest": "8.3.0", "scikit-learn": "1.5.2",
-    "matplotlib": "3.9.2", "setuptools": "75.0.0",
+    "matplotlib": "3.9.2", "setuptools": "75.0.0", "adversarial-robustness-toolbox": "1.20.1",
 }
 
 
