@@ -342,12 +342,31 @@ def test_autoattack_is_at_least_as_strong_as_its_parts_on_real_digits(digits_mlp
     assert aa_back <= 11 * result["clean_correct"] + 33 * stages[0]
 
 
+def test_restarts_run_each_stage_again_on_the_survivors(digits_mlp):
+    """Two restarts: each stage runs twice, the second time only on what the first left, so
+    it is not weaker and costs more, but at most twice as much."""
+    model, x, y = digits_mlp
+    x, y = x[:60], y[:60]
+    cfg = AttackConfig(epsilon=16.0, num_steps=3, method="autoattack", clean_start_prob=0.0,
+                       num_targets=2, queries=20)
+    one, r1 = autoattack.autoattack(model, x, y, cfg, seeds=[SEED])
+    two, r2 = autoattack.autoattack(model, x, y, cfg,
+                                    seeds=[SEED, tf.constant([8, 8], tf.int64)])
+    r1, r2 = r1.numpy(), r2.numpy()
+    # Stage 1's first run is the one-restart run (same seed, same examples): example by
+    # example, the second run can only remove; later stages see other survivors.
+    assert (r2[0] <= r1[0]).all() and r2[-1].sum() <= r1[-1].sum() + 2
+    assert (r2[1] <= r2[0]).all() and (r2[2] <= r2[1]).all()
+    assert float(tf.reduce_sum(two.backward)) <= 2 * float(tf.reduce_sum(one.backward)) + 1e-6
+    assert float(tf.reduce_sum(two.backward)) > float(tf.reduce_sum(one.backward))
+
+
 def test_autoattack_on_two_replicas_covers_the_split(digits_mlp):
     """Under a 2-replica MirroredStrategy, and with fixed shapes (compact=False) as on a TPU:
     every example once, the stages non-increasing, close to the one-device result."""
     model, x, y = digits_mlp
-    cfg = AttackConfig(epsilon=16.0, num_steps=5, method="autoattack", clean_start_prob=0.0,
-                       num_targets=2, queries=50)
+    cfg = AttackConfig(epsilon=16.0, num_steps=3, method="autoattack", clean_start_prob=0.0,
+                       num_targets=2, queries=20)
     ds = batches(x[:100], y[:100], 40)
     one = evaluation.evaluate(model, ds, [cfg])
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
