@@ -7,7 +7,7 @@
 
 Runs clean top-1 / top-5 and each attack of --attacks (default pgd) over the whole validation
 split: pgd for every combination of --attack_steps x --attack_epsilon x --attack_mode; apgd-ce,
-apgd-t (9 target classes) and autoattack (APGD-CE, APGD-T, then Square, each stage on the
+apgd-t (--apgd_targets target classes, default 9) and autoattack (APGD-CE, APGD-T, then Square, each stage on the
 examples still robust) for every --attack_steps (APGD iterations) x --attack_epsilon; square
 (--square_queries) for every --attack_epsilon. Each is repeated --attack_restarts times; an
 example counts as robust only if every attack failed on it. The report gives the forward and
@@ -70,6 +70,8 @@ flags.DEFINE_list("attack_mode", None, f"Attack modes: {', '.join(ATTACK_MODES)}
 flags.DEFINE_list("attacks", None, f"Attacks: {', '.join(ATTACK_METHODS)} (default pgd).")
 flags.DEFINE_integer("square_queries", None, "Square's query budget, alone and in autoattack "
                      "(default 5000).")
+flags.DEFINE_integer("apgd_targets", None, "APGD-T's target classes, alone and in autoattack: "
+                     "the most likely wrong ones (default 9).")
 flags.DEFINE_bool("random_start", None, "Start PGD from a uniform random point in the ball.")
 flags.DEFINE_float("sanity_epsilon", None, "Epsilon of the large-epsilon sanity attack "
                    "(default 64; 0 turns it off).")
@@ -116,7 +118,7 @@ def request_from_flags() -> robustness.EvalRequest:
         attack_step_size=FLAGS.attack_step_size, attack_restarts=FLAGS.attack_restarts,
         attack_modes=None if FLAGS.attack_mode is None else tuple(FLAGS.attack_mode),
         attacks=None if FLAGS.attacks is None else tuple(FLAGS.attacks),
-        square_queries=FLAGS.square_queries,
+        square_queries=FLAGS.square_queries, apgd_targets=FLAGS.apgd_targets,
         random_start=FLAGS.random_start, sanity_epsilon=FLAGS.sanity_epsilon,
         global_batch_size=FLAGS.eval_batch_size, max_batches=FLAGS.max_batches,
         seed=FLAGS.seed)

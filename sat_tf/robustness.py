@@ -62,6 +62,7 @@ class ProtocolOverrides:
     attack_modes: tuple[str, ...] | None = None
     attacks: tuple[str, ...] | None = None
     square_queries: int | None = None
+    apgd_targets: int | None = None
     random_start: bool | None = None
     sanity_epsilon: float | None = None     # 0: no sanity attack
     global_batch_size: int | None = None

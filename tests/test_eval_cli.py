@@ -79,6 +79,8 @@ def test_bad_flags_fail_fast_without_tensorflow(run_dir, tmp_path):
         (EVAL, [f"--model_dir={run_dir}", "--attacks=pgd,fab-t"],
          "Invalid attack 'fab-t'; valid choices: pgd, apgd-ce, apgd-t, square, autoattack"),
         (EVAL, [f"--model_dir={run_dir}", "--square_queries=0"], "Invalid Square queries 0"),
+        (EVAL, [f"--model_dir={run_dir}", "--apgd_targets=0"],
+         "Invalid APGD-T target classes 0"),
         (EVAL, [f"--model_dir={run_dir}", "--eval_batch_size=0"], "Invalid eval batch size 0"),
         (EVAL, [f"--model_dir={run_dir}", "--dataset=mnist"], "Invalid dataset 'mnist'"),
         (EVAL, [f"--model_dir={run_dir}", "--strategy=warp"], "Invalid strategy 'warp'"),
@@ -181,15 +183,18 @@ def test_autoattack_from_the_command_line(run_dir, tmp_path):
     path = str(tmp_path / "aa.json")
     out, _ = finish(start(EVAL, f"--model_dir={run_dir}", f"--report={path}",
                           "--attacks=pgd,apgd-ce,square,autoattack", "--attack_steps=2",
-                          "--attack_epsilon=8", "--square_queries=10", "--sanity_epsilon=0"))
+                          "--attack_epsilon=8", "--square_queries=10", "--apgd_targets=2",
+                          "--sanity_epsilon=0"))
     r = json.load(open(path))
     rows = {a["name"]: a for a in r["attacks"]}
     assert list(rows) == ["PGD-2 eps 8 step 1 untargeted", "APGD-CE-2 eps 8", "Square-10 eps 8",
-                          "AutoAttack eps 8 (APGD-2, 9 targets, Square-10)"]
+                          "AutoAttack eps 8 (APGD-2, 2 targets, Square-10)"]
     assert r["protocol"]["attacks"] == ["pgd", "apgd-ce", "square", "autoattack"]
-    assert r["protocol"]["given_by_flags"] == ["attack_epsilons", "attack_steps", "attacks",
-                                               "sanity_epsilon", "square_queries"]
-    aa = rows["AutoAttack eps 8 (APGD-2, 9 targets, Square-10)"]
+    assert r["protocol"]["given_by_flags"] == ["apgd_targets", "attack_epsilons",
+                                               "attack_steps", "attacks", "sanity_epsilon",
+                                               "square_queries"]
+    assert r["protocol"]["apgd_targets"] == 2
+    aa = rows["AutoAttack eps 8 (APGD-2, 2 targets, Square-10)"]
     stages = [s["correct"] for s in aa["stages"]]
     assert [s["stage"] for s in aa["stages"]] == ["apgd-ce", "apgd-t", "square"]
     assert r["clean_correct"] >= stages[0] >= stages[1] >= stages[2] >= aa["correct"]
@@ -204,7 +209,7 @@ def test_autoattack_from_the_command_line(run_dir, tmp_path):
     # AutoAttack's APGD-CE stage runs on the clean-correct examples only.
     clean = r["clean_correct"] / r["examples"]
     assert aa["backward_passes_per_example"] >= 3.0 * clean - 1e-9
-    for line in ("AutoAttack eps 8 (APGD-2, 9 targets, Square-10) x1", "  after apgd-t",
+    for line in ("AutoAttack eps 8 (APGD-2, 2 targets, Square-10) x1", "  after apgd-t",
                  "  after square", "robust (worst of 4)", "passes/example fwd+bwd"):
         assert line in out, out
 
