@@ -6,15 +6,16 @@
         --attack_mode=untargeted,targeted --attack_restarts=2
 
 Runs clean top-1 / top-5 and each attack of --attacks (default pgd) over the whole validation
-split: pgd for every combination of --attack_steps x --attack_epsilon x --attack_mode; apgd-ce,
-apgd-t (--apgd_targets target classes, default 9) and autoattack (APGD-CE, APGD-T, then Square, each stage on the
-examples still robust) for every --attack_steps (APGD iterations) x --attack_epsilon; square
-(--square_queries) for every --attack_epsilon. Each is repeated --attack_restarts times; an
-example counts as robust only if every attack failed on it. The report gives the forward and
-backward passes each attack spent per example.
+split: pgd for every combination of --attack_steps x --attack_epsilon x --attack_mode;
+apgd-ce, apgd-t (--apgd_targets target classes, default 9) and autoattack (APGD-CE, APGD-T,
+then Square, each stage on the examples still robust) for every --attack_steps (APGD
+iterations) x --attack_epsilon; square (--square_queries) for every --attack_epsilon. Each is
+repeated --attack_restarts times; an example counts as robust only if every attack failed on
+it. The report gives the forward and backward passes each attack spent per example:
 
-    python run/eval.py --model_dir=/tmp/sat --attacks=pgd,autoattack --attack_steps=20,100 Adds a PGD-20 attack at
---sanity_epsilon (default 64) as a sanity check, kept out of the robust number. Prints a
+    python run/eval.py --model_dir=/tmp/sat --attacks=pgd,autoattack --attack_steps=20,100
+
+Adds a PGD-20 attack at --sanity_epsilon (default 64) as a sanity check, kept out of the robust number. Prints a
 table and writes a JSON report (--report; default: <model_dir>/eval_report_step<N>.json, or
 eval_report.json in the current folder for --saved_model).
 

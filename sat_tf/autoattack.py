@@ -60,19 +60,22 @@ def _wrong(model, images, labels):
 
 
 def on_active(fn, active, inputs, defaults, *, compact: bool):
-    """``fn(*inputs)``'s outputs (each [batch, ...]) on the ``active`` examples only; the others
-    get ``defaults`` (each the shape of the full output). No example active: ``fn`` does not
-    run."""
+    """``fn(*inputs, active=mask)``'s outputs (each [batch, ...]) on the ``active`` examples
+    only; the others get ``defaults`` (each the shape of the full output). Gathered
+    (``compact``), ``fn`` sees only the active examples and an all-True mask; masked, it sees
+    the whole batch and ``active``, so it can leave the others alone (Square stops early, APGD-T
+    skips them). No example active: ``fn`` does not run."""
     inputs, defaults = tuple(inputs), tuple(defaults)
     expand = lambda mask, t: tf.reshape(mask, [-1] + [1] * (t.shape.rank - 1))
 
     def run():
         if compact:
             index = tf.where(active)
-            outputs = fn(*[tf.gather_nd(t, index) for t in inputs])
+            gathered = [tf.gather_nd(t, index) for t in inputs]
+            outputs = fn(*gathered, active=tf.ones(tf.shape(index)[:1], tf.bool))
             return tuple(tf.tensor_scatter_nd_update(d, index, tf.cast(o, d.dtype))
                          for d, o in zip(defaults, outputs))
-        outputs = fn(*inputs)
+        outputs = fn(*inputs, active=active)
         return tuple(tf.where(expand(active, d), tf.cast(o, d.dtype), d)
                      for d, o in zip(defaults, outputs))
 
@@ -98,7 +101,7 @@ def apgd_targeted(model, images, labels, cfg: AttackConfig, *, seed, active=None
     adv = x
     passes = float(cfg.num_steps + 1)
     for t in range(int(targets.shape[0])):
-        def one_target(xs, ys, ts, t=t):
+        def one_target(xs, ys, ts, active, t=t):
             out, hit = apgd_lib.apgd_with_status(
                 model, xs, ys, epsilon=cfg.epsilon, num_steps=cfg.num_steps,
                 loss="dlr-targeted", targets=ts, random_start=cfg.random_start,
@@ -115,26 +118,44 @@ def apgd_targeted(model, images, labels, cfg: AttackConfig, *, seed, active=None
     return Outcome(tf.stop_gradient(adv), forward, backward), fooled
 
 
-def run(model, images, labels, cfg: AttackConfig, *, seed, compact: bool = True) -> Outcome:
-    """One attack (``cfg.method``, not "autoattack") on every example of the batch."""
+def run(model, images, labels, cfg: AttackConfig, *, seed, active=None,
+        compact: bool = True, rescale_schedule: bool = True) -> Outcome:
+    """One attack (``cfg.method``, not "autoattack"). PGD attacks every example of the batch;
+    the others, as in the authors' code, only the ``active`` ones (default: those the model
+    classifies correctly, one forward pass more) and return the clean image for the rest.
+    ``rescale_schedule``: Square's p schedule rescaled to its budget (the Square paper's) or
+    not (AutoAttack's; :func:`sat_tf.square.fraction`)."""
     x = tf.convert_to_tensor(images, tf.float32)
+    labels = tf.cast(labels, tf.int32)
     ones = tf.ones(tf.shape(labels)[:1], tf.float32)
     if cfg.method == "pgd":
         adv = attacks.pgd(model, x, labels, cfg, seed=seed)
         return Outcome(adv, ones * cfg.num_steps, ones * cfg.num_steps)
-    if cfg.method == "apgd-ce":
-        adv = apgd_lib.apgd(model, x, labels, epsilon=cfg.epsilon, num_steps=cfg.num_steps,
-                            loss="ce", random_start=cfg.random_start, seed=seed,
-                            backward=cfg.backward)
-        return Outcome(adv, ones * (cfg.num_steps + 1), ones * (cfg.num_steps + 1))
-    if cfg.method == "apgd-t":
-        return apgd_targeted(model, x, labels, cfg, seed=seed, compact=compact)[0]
-    if cfg.method == "square":
-        adv, queries = square_lib.square(model, x, labels, epsilon=cfg.epsilon,
-                                         num_queries=cfg.queries, seed=seed, return_queries=True)
-        return Outcome(adv, queries, tf.zeros_like(queries))
-    raise ValueError(f"Invalid attack method {cfg.method!r} for run(); autoattack runs with "
-                     "autoattack().")
+    if cfg.method not in ("apgd-ce", "apgd-t", "square"):
+        raise ValueError(f"Invalid attack method {cfg.method!r} for run(); autoattack runs "
+                         "with autoattack().")
+    if cfg.method == "apgd-t":     # its own clean pass picks the targets and the examples
+        return apgd_targeted(model, x, labels, cfg, seed=seed, active=active,
+                             compact=compact)[0]
+    first = zeros = tf.zeros_like(ones)
+    if active is None:
+        active, first = tf.logical_not(_wrong(model, x, labels)), ones
+
+    def attack(xs, ys, active):
+        if cfg.method == "apgd-ce":
+            adv = apgd_lib.apgd(model, xs, ys, epsilon=cfg.epsilon, num_steps=cfg.num_steps,
+                                loss="ce", random_start=cfg.random_start, seed=seed,
+                                backward=cfg.backward)
+            spent = tf.fill(tf.shape(ys), float(cfg.num_steps + 1))
+            return adv, spent, spent
+        adv, queries = square_lib.square(model, xs, ys, epsilon=cfg.epsilon,
+                                         num_queries=cfg.queries, seed=seed, active=active,
+                                         rescale_schedule=rescale_schedule, return_queries=True)
+        return adv, queries, tf.zeros_like(queries)
+
+    adv, forward, backward = on_active(attack, active, (x, labels), (x, zeros, zeros),
+                                       compact=compact)
+    return Outcome(adv, forward + first, backward)
 
 
 def stage_config(cfg: AttackConfig, stage: str) -> AttackConfig:
@@ -145,9 +166,10 @@ def stage_config(cfg: AttackConfig, stage: str) -> AttackConfig:
 
 def autoattack(model, images, labels, cfg: AttackConfig, *, seeds, compact: bool = True):
     """AutoAttack's standard sequence (:data:`STAGES`) at ``cfg``'s epsilon, ``cfg.num_steps``
-    APGD iterations, ``cfg.num_targets`` APGD-T targets and ``cfg.queries`` Square queries. Each
-    stage runs once per seed of ``seeds`` (restarts), every run only on the examples correctly
-    classified after everything before it.
+    APGD iterations, ``cfg.num_targets`` APGD-T targets and ``cfg.queries`` Square queries
+    (Square's p schedule in raw queries, as AutoAttack runs it). Each stage runs once per seed
+    of ``seeds`` (restarts), every run only on the examples correctly classified after
+    everything before it.
 
     Returns (Outcome, robust): robust is a bool [stages, batch], whether the example was
     correctly classified on the clean image and on every adversarial image up to that stage.
@@ -164,12 +186,14 @@ def autoattack(model, images, labels, cfg: AttackConfig, *, seeds, compact: bool
     for j, stage in enumerate(STAGES):
         scfg = stage_config(cfg, stage)
         for r, seed in enumerate(seeds):
-            def attack(xs, ys, scfg=scfg, stage=stage, s=_fold(seed, j)):
+            def attack(xs, ys, active, scfg=scfg, stage=stage, s=_fold(seed, j)):
                 if stage == "apgd-t":
-                    out, hit = apgd_targeted(model, xs, ys, scfg, seed=s, compact=compact)
+                    out, hit = apgd_targeted(model, xs, ys, scfg, seed=s, active=active,
+                                             compact=compact)
                     return out.images, hit, out.forward, out.backward
-                out = run(model, xs, ys, scfg, seed=s, compact=compact)
-                hit = _wrong(model, out.images, ys)
+                out = run(model, xs, ys, scfg, seed=s, active=active, compact=compact,
+                          rescale_schedule=False)
+                hit = tf.logical_and(active, _wrong(model, out.images, ys))
                 return out.images, hit, out.forward + 1.0, out.backward
             new_adv, hit, f, b = on_active(
                 attack, robust, (x, labels), (adv, tf.zeros_like(robust), zeros, zeros),

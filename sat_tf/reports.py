@@ -277,8 +277,9 @@ def format_table(report: dict) -> str:
     if m.get("weights"):
         desc += f", {m['weights']} weights"
     cwidth = len(f"{n}/{n}")
+    passes = "  passes/example fwd+bwd" if any(r[3:] and r[3] for r in rows) else ""
     lines = [f"model: {desc}; {report['data'].get('dataset', '?')} eval split, {n} examples",
-             f"{'':<{width}}{'accuracy':>9}  {'correct':<{cwidth}}  passes/example fwd+bwd"]
+             f"{'':<{width}}{'accuracy':>9}  {'correct':<{cwidth}}{passes}".rstrip()]
     for name, acc, correct, *passes in rows:
         tail = f"  {f'{correct}/{n}':<{cwidth}}" if correct is not None else ""
         if passes and passes[0]:

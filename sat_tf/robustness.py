@@ -163,6 +163,8 @@ def evaluate(request: EvalRequest, *, log: Callable[[str], None] = print) -> dic
     cfg = exp.evaluation
     cfg.global_batch_size = distribute.eval_batch_size(cfg.global_batch_size, strategy)
     split = data.info(exp.data)
+    # APGD-T tries at most every wrong class (the names then say how many it tried).
+    cfg.apgd_targets = min(cfg.apgd_targets, max(loaded.num_classes - 1, 1))
     needs_four = sorted({"apgd-t", "autoattack"} & set(cfg.attacks))
     if needs_four and loaded.num_classes < 4:
         raise UserError(f"Invalid attacks {','.join(needs_four)} for a model with "
@@ -201,7 +203,7 @@ def evaluate(request: EvalRequest, *, log: Callable[[str], None] = print) -> dic
         "given_by_flags": request.protocol.given(),
         "attack_steps": list(steps), "attack_epsilons": list(epsilons),
         "attack_step_size": own.step_size, "attack_restarts": cfg.attack_restarts,
-        "attack_modes": list(cfg.attack_modes), "attacks": list(cfg.attacks),
+        "attack_modes": list(cfg.attack_modes), "attacks": list(dict.fromkeys(cfg.attacks)),
         "square_queries": cfg.square_queries, "apgd_targets": cfg.apgd_targets,
         "random_start": own.random_start,
         "sanity_epsilon": cfg.sanity_epsilon, "seed": cfg.seed,

@@ -14,8 +14,10 @@ The search, per example, on the margin loss m(x) = z_y − max_{i≠y} z_i:
   lowers the margin; the example is done once its margin is < 0 (misclassified; the paper's
   code stops at ≤ 0, where a tie may still be classified correctly);
 * s = round(sqrt(p · H · W)), at least 1 and at most the image's side, with p = p_init
-  (0.8) halved after 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 of 10,000 queries
-  (the schedule rescaled to the budget): :func:`fraction`.
+  (0.8) halved after 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 of 10,000 queries:
+  :func:`fraction`. Alone (``--attacks=square``) the schedule is rescaled to the budget, as in
+  the Square paper's code; in AutoAttack's sequence it counts raw queries, as AutoAttack runs
+  it (``resc_schedule=False``: at 5,000 queries p ends at p_init / 128).
 
 Departures from the authors' code (fra31/auto-attack and the original Square release):
 
@@ -44,9 +46,13 @@ SIGN_ATTEMPTS = 8
 HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 
-def fraction(query, num_queries: int, p_init: float = P_INIT):
-    """The fraction p of the image a window covers at ``query`` (0-based, after the start)."""
-    it = tf.floor(tf.cast(query, tf.float32) / float(num_queries) * 10000.0)
+def fraction(query, num_queries: int, p_init: float = P_INIT, rescale: bool = True):
+    """The fraction p of the image a window covers at ``query`` (0-based, after the start):
+    the halvings at the :data:`HALVINGS` of 10,000 queries, rescaled to ``num_queries`` (the
+    Square paper's code) or at those raw query counts (``rescale=False``: AutoAttack's)."""
+    it = tf.cast(query, tf.float32)
+    if rescale:
+        it = tf.floor(it / float(num_queries) * 10000.0)
     halvings = tf.reduce_sum(tf.cast(it > tf.constant(HALVINGS, tf.float32), tf.float32))
     return p_init / tf.pow(2.0, halvings)
 
@@ -60,8 +66,12 @@ def margin(logits, labels):
 
 
 def square(model, images, labels, *, epsilon: float, num_queries: int = 5000,
-           p_init: float = P_INIT, seed=None, return_queries: bool = False):
+           p_init: float = P_INIT, seed=None, active=None, rescale_schedule: bool = True,
+           return_queries: bool = False):
     """The L-infinity Square attack with at most ``num_queries`` forward passes per example.
+
+    ``active``: a bool [batch]; the other examples are left at their start, count no query and
+    do not keep the search going. ``rescale_schedule``: see :func:`fraction`.
 
     Returns ``tf.stop_gradient`` of the adversarial images inside [x − ε, x + ε] ∩ [0, 255]
     (a misclassified point where one was found, else the lowest-margin point), and with
@@ -82,6 +92,9 @@ def square(model, images, labels, *, epsilon: float, num_queries: int = 5000,
     x_best = tf.clip_by_value(x + eps * stripes, PIXEL_MIN, PIXEL_MAX)
     m_best = query(x_best)
     queries = tf.ones_like(m_best)
+    if active is not None:
+        m_best = tf.where(active, m_best, -float("inf"))
+        queries = tf.cast(active, tf.float32)
     if num_queries <= 1:
         return _out(x_best, queries, return_queries)
 
@@ -89,7 +102,7 @@ def square(model, images, labels, *, epsilon: float, num_queries: int = 5000,
     cols = tf.reshape(tf.range(w, dtype=tf.float32), [1, 1, w, 1])
 
     def body(i, x_best, m_best, queries):
-        s = tf.round(tf.sqrt(fraction(i, num_queries, p_init) * float(h * w)))
+        s = tf.round(tf.sqrt(fraction(i, num_queries, p_init, rescale_schedule) * float(h * w)))
         s = tf.clip_by_value(s, 1.0, float(min(h, w)))
         draw = fold(i + 1)
         corner = tf.floor(tf.random.stateless_uniform(

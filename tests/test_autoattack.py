@@ -162,6 +162,29 @@ def test_apgd_reaches_the_closed_form_optimum_of_a_linear_model():
         np.testing.assert_allclose(out.numpy(), linear_optimum(w, x, y, 8.0), atol=1e-3)
 
 
+def test_apgd_halves_its_step_to_close_in_on_an_interior_optimum():
+    """The loss peaks inside the ball at x* (two classes, margin c + |x - x*|^2 / s): a fixed
+    sign step oscillates around x* at its own size; APGD's checkpoints halve the step (the
+    loss stops rising in most steps) and its best point converges on x*. 100 iterations halve
+    up to 8 times (2 eps / 256): APGD ends within eps / 16 of x*, PGD with step eps / 4 does
+    not."""
+    eps = 16.0
+    rng = np.random.default_rng(3)
+    x = rng.uniform(40, 215, size=(4, 4, 4, 1)).astype(np.float32)
+    star = x + rng.uniform(-0.6, 0.6, size=x.shape).astype(np.float32) * eps
+    y = tf.zeros([4], tf.int32)
+
+    def model(t):
+        m = 3.0 + tf.reduce_sum(tf.square(t - star), axis=[1, 2, 3]) / 2000.0
+        return tf.stack([m, tf.zeros_like(m)], axis=1)
+    out, fooled = apgd.apgd_with_status(model, x, y, epsilon=eps, num_steps=100, seed=SEED)
+    assert not fooled.numpy().any()
+    assert np.abs(out.numpy() - star).max() < eps / 16
+    pgd = attacks.pgd(model, x, y, AttackConfig(epsilon=eps, step_size=eps / 4, num_steps=100,
+                                                clean_start_prob=0.0), seed=SEED)
+    assert np.abs(pgd.numpy() - star).max() > eps / 16
+
+
 def no_gradient_model():
     """Class 0 when the mean pixel is above 128, else class 1; its input gradient is zero
     (stop_gradient) and asking for it at all is an error."""
@@ -230,8 +253,9 @@ def test_same_seed_same_images_other_seed_other_images():
 
 
 def test_the_attacks_compile_with_xla():
-    """The linear model's optimum is reached under jit_compile too; Square and the whole
-    sequence with fixed shapes (compact=False, as on a TPU) compile and keep their box."""
+    """The linear model's optimum is reached under jit_compile too; the evaluator's per-batch
+    function with the whole sequence over fixed shapes (compact=False, as on a TPU) compiles
+    and counts what it counts without XLA."""
     rng = np.random.default_rng(1)
     w = rng.normal(size=(48, 2)).astype(np.float32)
     x = rng.uniform(0, 255, size=(4, 4, 4, 3)).astype(np.float32)
@@ -247,12 +271,16 @@ def test_the_attacks_compile_with_xla():
     ys = tf.argmax(net(xs), -1, output_type=tf.int32)
     mask = tf.constant([1.0] * 5 + [0.0])
     cfg = dataclasses.replace(config("autoattack", eps=16.0, steps=2), num_targets=1)
-    compiled = tf.function(lambda: evaluation._batch_counts(
-        net, xs, ys, mask, [cfg], 1, SEED, 1, compact=False), jit_compile=True)
-    n, top1, _, correct, *_, stages = compiled()
+    counts = lambda: evaluation._batch_counts(net, xs, ys, mask, [cfg], 1, SEED, 1,
+                                              compact=False)
+    compiled = tf.function(counts, jit_compile=True)()
+    n, top1, _, correct, *_, stages = compiled
     assert float(n) == 5.0 and float(top1) == 5.0
     after = stages.numpy()[0]
     assert 5.0 >= after[0] >= after[1] >= after[2] >= float(correct[0])
+    assert after[0] < 5.0                  # the attack does something at eps 16
+    for with_xla, without in zip(compiled, tf.function(counts)()):
+        np.testing.assert_allclose(with_xla.numpy(), without.numpy(), rtol=1e-6)
 
 
 # ---- on a small network trained on real digits ---------------------------------------------
@@ -329,17 +357,19 @@ def test_autoattack_is_at_least_as_strong_as_its_parts_on_real_digits(digits_mlp
     assert stages[0] <= ce + tol            # the first stage is APGD-CE
     assert sq < result["clean_correct"] - 10
     assert result["robust_correct"] <= aa
-    # Passes: PGD 10 + 10; APGD-CE 11 + 11 on every example; Square forward only.
-    assert (rows[0]["forward_passes_per_example"], rows[0]["backward_passes_per_example"]) \
-        == (10.0, 10.0)
-    assert rows[1]["forward_passes_per_example"] == rows[1]["backward_passes_per_example"] == 11
-    assert rows[3]["backward_passes_per_example"] == 0.0
-    assert 1.0 <= rows[3]["forward_passes_per_example"] <= 200.0
-    # AutoAttack: APGD-CE's 11 backward passes on each clean-correct example, APGD-T's on the
-    # survivors, at most 3 targets each.
-    aa_back = rows[-1]["backward_passes_per_example"] * n
-    assert 11 * result["clean_correct"] + 11 * stages[0] <= aa_back
-    assert aa_back <= 11 * result["clean_correct"] + 33 * stages[0]
+    # Passes, summed over the split: PGD 10 + 10 on every example; APGD-CE one clean forward
+    # for all, then 11 + 11 on the clean-correct ones; Square forward only.
+    total = lambda row, key: round(row[f"{key}_passes_per_example"] * n, 6)
+    clean = result["clean_correct"]
+    assert (total(rows[0], "forward"), total(rows[0], "backward")) == (10 * n, 10 * n)
+    assert (total(rows[1], "forward"), total(rows[1], "backward")) == (n + 11 * clean,
+                                                                       11 * clean)
+    assert total(rows[3], "backward") == 0.0
+    assert n + clean <= total(rows[3], "forward") <= n + 200 * clean
+    # AutoAttack: APGD-CE's 11 backward passes on each clean-correct example, then APGD-T's 11
+    # per target on each survivor, at least one target and at most 3.
+    aa_back = total(rows[-1], "backward")
+    assert 11 * clean + 11 * stages[0] <= aa_back <= 11 * clean + 33 * stages[0]
 
 
 def test_restarts_run_each_stage_again_on_the_survivors(digits_mlp):
@@ -362,14 +392,15 @@ def test_restarts_run_each_stage_again_on_the_survivors(digits_mlp):
 
 
 def test_autoattack_on_two_replicas_covers_the_split(digits_mlp):
-    """Under a 2-replica MirroredStrategy, and with fixed shapes (compact=False) as on a TPU:
-    every example once, the stages non-increasing, close to the one-device result."""
+    """Under a 2-replica MirroredStrategy, gathering the survivors (the default on GPUs) and
+    with fixed shapes (compact=False, as on a TPU): every example once, the stages
+    non-increasing, the two ways close."""
     model, x, y = digits_mlp
     cfg = AttackConfig(epsilon=16.0, num_steps=3, method="autoattack", clean_start_prob=0.0,
                        num_targets=2, queries=20)
     ds = batches(x[:100], y[:100], 40)
-    one = evaluation.evaluate(model, ds, [cfg])
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    one = evaluation.Evaluator(model, [cfg], strategy=strategy)(ds)
     two = evaluation.Evaluator(model, [cfg], strategy=strategy, compact=False)(ds)
     assert one["examples"] == two["examples"] == 100
     assert one["clean_correct"] == two["clean_correct"]
