@@ -43,6 +43,11 @@ def _seed(seed):
     return tf.cast(tf.convert_to_tensor(seed), tf.int64)
 
 
+def fold(seed, i):
+    """A new stateless seed from ``seed`` and ``i`` (the attacks' one way to derive seeds)."""
+    return tf.random.experimental.stateless_fold_in(seed, i, alg=RNG_ALG)
+
+
 def project(x_adv, x, epsilon):
     """Projection onto [x - eps, x + eps] ∩ [0, 255]."""
     x_adv = tf.clip_by_value(x_adv, x - epsilon, x + epsilon)
@@ -85,7 +90,7 @@ def pgd(model, images, labels, config: AttackConfig, *, seed=None, targets=None)
     if targeted:
         if targets is None:
             targets = random_targets(labels, _num_classes(model, images),
-                                     tf.random.experimental.stateless_fold_in(seed, 2, alg=RNG_ALG))
+                                     fold(seed, 2))
         attack_labels, direction = tf.cast(targets, tf.int32), -1.0
     else:
         attack_labels, direction = labels, 1.0
@@ -95,7 +100,7 @@ def pgd(model, images, labels, config: AttackConfig, *, seed=None, targets=None)
         noise = tf.random.stateless_uniform(tf.shape(images), seed, -1.0, 1.0, alg=RNG_ALG) * eps
         if config.clean_start_prob > 0:
             coin = tf.random.stateless_uniform(
-                [], tf.random.experimental.stateless_fold_in(seed, 1, alg=RNG_ALG), alg=RNG_ALG)
+                [], fold(seed, 1), alg=RNG_ALG)
             noise = tf.where(coin < config.clean_start_prob, tf.zeros_like(noise), noise)
         x_adv = project(images + noise, images, eps)
 

@@ -13,7 +13,7 @@
 and :func:`autoattack` runs AutoAttack's "standard" sequence, APGD-CE, then APGD-T, then
 Square, each stage only on the examples every earlier stage left correctly classified, and
 reports which examples are still robust after each stage. FAB-T, the standard sequence's third
-attack, is not implemented (README, "Evaluation attacks").
+attack, is not implemented (README, "Attacks beyond PGD").
 
 All are pure TensorFlow functions of (model, images, labels, config, seed), usable inside
 ``strategy.run`` and under XLA. "Only on some examples" is done in one of two ways:
@@ -47,10 +47,6 @@ class Outcome(NamedTuple):
     images: tf.Tensor     # float32 [batch, H, W, C]: the adversarial images
     forward: tf.Tensor    # float32 [batch]: forward passes spent on each example
     backward: tf.Tensor   # float32 [batch]: backward passes spent on each example
-
-
-def _fold(seed, i: int):
-    return tf.random.experimental.stateless_fold_in(seed, i, alg=attacks.RNG_ALG)
 
 
 def _wrong(model, images, labels):
@@ -105,7 +101,7 @@ def apgd_targeted(model, images, labels, cfg: AttackConfig, *, seed, active=None
             out, hit = apgd_lib.apgd_with_status(
                 model, xs, ys, epsilon=cfg.epsilon, num_steps=cfg.num_steps,
                 loss="dlr-targeted", targets=ts, random_start=cfg.random_start,
-                seed=_fold(seed, t), backward=cfg.backward)
+                seed=attacks.fold(seed, t), backward=cfg.backward)
             return out, hit, tf.fill(tf.shape(ys), passes)
         todo = tf.logical_not(done)
         new_adv, hit, spent = on_active(
@@ -186,7 +182,7 @@ def autoattack(model, images, labels, cfg: AttackConfig, *, seeds, compact: bool
     for j, stage in enumerate(STAGES):
         scfg = stage_config(cfg, stage)
         for r, seed in enumerate(seeds):
-            def attack(xs, ys, active, scfg=scfg, stage=stage, s=_fold(seed, j)):
+            def attack(xs, ys, active, scfg=scfg, stage=stage, s=attacks.fold(seed, j)):
                 if stage == "apgd-t":
                     out, hit = apgd_targeted(model, xs, ys, scfg, seed=s, active=active,
                                              compact=compact)

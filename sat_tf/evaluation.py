@@ -72,8 +72,7 @@ def _batch_counts(model, images, labels, mask, attack_list, restarts, seed, num_
     # Restart r of every attack uses the same seed: the same random-start direction and the
     # same random targets (common random numbers), so that attacks differing only in steps or
     # epsilon are compared on equal draws.
-    restart_seeds = [tf.random.experimental.stateless_fold_in(seed, r, alg=attacks_lib.RNG_ALG)
-                     for r in range(restarts)]
+    restart_seeds = [attacks_lib.fold(seed, r) for r in range(restarts)]
     for a, cfg in enumerate(attack_list):
         if cfg.method == "autoattack":
             out, after = autoattack_lib.autoattack(model, images, labels, cfg,
@@ -184,9 +183,9 @@ class Evaluator:
         """Global sums of one step's counts (every replica, every host)."""
         def replica_fn(images, labels, mask):
             ctx = tf.distribute.get_replica_context()
-            s = tf.random.experimental.stateless_fold_in(
+            s = attacks_lib.fold(
                 tf.stack([tf.constant(self.seed, tf.int64), tf.cast(batch_index, tf.int64)]),
-                ctx.replica_id_in_sync_group, alg=attacks_lib.RNG_ALG)
+                ctx.replica_id_in_sync_group)
 
             def counts():
                 return _batch_counts(self.model, images, labels, mask, self.attack_list,

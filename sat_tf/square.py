@@ -38,7 +38,7 @@ import math
 
 import tensorflow as tf
 
-from sat_tf.attacks import PIXEL_MAX, PIXEL_MIN, RNG_ALG, _logits, _seed
+from sat_tf.attacks import PIXEL_MAX, PIXEL_MIN, RNG_ALG, _logits, _seed, fold
 
 P_INIT = 0.8
 SIGN_ATTEMPTS = 8
@@ -82,13 +82,10 @@ def square(model, images, labels, *, epsilon: float, num_queries: int = 5000,
     eps = tf.constant(float(epsilon), tf.float32)
     seed = _seed(seed)
     _, h, w, c = x.shape
-    fold = lambda i: tf.random.experimental.stateless_fold_in(seed, i, alg=RNG_ALG)
-    sign = lambda shape, s: tf.where(
-        tf.random.stateless_uniform(shape, s, alg=RNG_ALG) < 0.5, -1.0, 1.0)
     query = lambda x_adv: margin(_logits(model, x_adv), labels)
     batch = tf.shape(x)[0]
 
-    stripes = sign(tf.stack([batch, 1, w, c]), fold(0))
+    stripes = _random_signs(tf.stack([batch, 1, w, c]), fold(seed, 0))
     x_best = tf.clip_by_value(x + eps * stripes, PIXEL_MIN, PIXEL_MAX)
     m_best = query(x_best)
     queries = tf.ones_like(m_best)
@@ -104,14 +101,13 @@ def square(model, images, labels, *, epsilon: float, num_queries: int = 5000,
     def body(i, x_best, m_best, queries):
         s = tf.round(tf.sqrt(fraction(i, num_queries, p_init, rescale_schedule) * float(h * w)))
         s = tf.clip_by_value(s, 1.0, float(min(h, w)))
-        draw = fold(i + 1)
+        draw = fold(seed, i + 1)
         corner = tf.floor(tf.random.stateless_uniform(
             tf.stack([batch, 2]), draw, alg=RNG_ALG) * (tf.constant([h, w], tf.float32) - s + 1.0))
         top = tf.reshape(corner[:, 0], [-1, 1, 1, 1])
         left = tf.reshape(corner[:, 1], [-1, 1, 1, 1])
         window = ((rows >= top) & (rows < top + s)) & ((cols >= left) & (cols < left + s))
-        signs = _changing_signs(x, x_best, window, eps, tf.random.experimental.stateless_fold_in(
-            draw, 1, alg=RNG_ALG))
+        signs = _changing_signs(x, x_best, window, eps, fold(draw, 1))
         candidate = tf.where(window, tf.clip_by_value(x + eps * signs, PIXEL_MIN, PIXEL_MAX),
                              x_best)
         active = m_best >= 0.0
@@ -127,16 +123,22 @@ def square(model, images, labels, *, epsilon: float, num_queries: int = 5000,
     return _out(x_best, queries, return_queries)
 
 
+def _random_signs(shape, seed):
+    """Fair ±1 of ``shape``."""
+    return tf.where(tf.random.stateless_uniform(shape, seed, alg=RNG_ALG) < 0.5, -1.0, 1.0)
+
+
 def _changing_signs(x, x_best, window, eps, seed, attempts: int = SIGN_ATTEMPTS):
     """[batch, 1, 1, C] random channel signs for the window, redrawn (up to ``attempts``
     draws) where a draw would leave the window as it is: a query that changes nothing is
     wasted (the authors' code redraws until something changes)."""
-    sign_of = lambda bound: tf.reduce_all(
+    # [batch, C]: is every window pixel of the channel already at x + bound?
+    already_at = lambda bound: tf.reduce_all(
         tf.logical_or(tf.logical_not(window), tf.equal(
             x_best, tf.clip_by_value(x + bound, PIXEL_MIN, PIXEL_MAX))), axis=[1, 2])
-    at_plus, at_minus = sign_of(eps), sign_of(-eps)           # [batch, C]
+    at_plus, at_minus = already_at(eps), already_at(-eps)
     shape = tf.concat([[attempts], tf.shape(at_plus)], 0)
-    draws = tf.where(tf.random.stateless_uniform(shape, seed, alg=RNG_ALG) < 0.5, -1.0, 1.0)
+    draws = _random_signs(shape, seed)
     unchanged = tf.reduce_all(tf.where(draws > 0, at_plus[None], at_minus[None]), axis=-1)
     first = tf.argmax(tf.cast(tf.logical_not(unchanged), tf.int32), axis=0, output_type=tf.int32)
     chosen = tf.gather(tf.transpose(draws, [1, 0, 2]), first, batch_dims=1)   # [batch, C]
