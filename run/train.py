@@ -12,13 +12,16 @@ from the CIFAR-10 protocol of the cifar10-* presets (epsilon 8, PGD-10 training,
 recipe); other datasets from the paper's ImageNet protocol (epsilon 4, PGD-1 training from a
 random start) with the ResNet or EfficientNet recipe, following the model. Re-running the
 same command resumes from the latest checkpoint in --model_dir; SIGTERM saves a checkpoint
-and exits with status 0.
+and exits with status 0. --init_from=RUN_DIR starts from another run's weights (fine-tuning,
+e.g. a release imported by run/import_checkpoint.py), with that run's model unless flags
+change it.
 
 Bad flag values fail in well under a second, with a one-line message and exit status 2,
 before TensorFlow is imported.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import sys
@@ -130,6 +133,11 @@ _FLAGS = [
      "0 turns it off."),
     ("seed", ("train.seed",),
      "Seed of the initial weights and the attack's random starts."),
+    ("init_from", ("train.init_from",),
+     "Fine-tune: start from the weights of this run directory (a training run, or a release "
+     "imported by run/import_checkpoint.py; its EMA weights when it kept them). The model "
+     "section is that run's unless flags change it; a different --num_classes gets a fresh "
+     "classifier. Ignored once --model_dir holds checkpoints (the run resumes)."),
     # attack
     ("adversarial", ("train.adversarial",),
      "Adversarial training (--noadversarial: clean training with the same code)."),
@@ -229,12 +237,29 @@ def dataset_from_flags() -> tuple[str, str | None]:
     return dataset, ("tfrecord" if dataset == "cifar10" else None)
 
 
+def init_model() -> ModelConfig | None:
+    """The model section of --init_from's run (TF-free; None without --init_from)."""
+    if _given("init_from") is None:
+        return None
+    from sat_tf import loading
+    try:
+        source = loading.resolve(model_dir=_given("init_from"))
+    except UserError as e:
+        raise UserError(f"--init_from: {e}") from None
+    if source.experiment is None:      # a bucket: read when training starts
+        raise UserError(f"--init_from {_given('init_from')!r}: give a local run directory (its "
+                        "model section is read before TensorFlow starts).")
+    return source.experiment.model
+
+
 def base_experiment(dataset: str | None) -> Experiment:
     """The preset --experiment names; else, for --dataset=cifar10 or digits, the protocol of
-    that dataset's presets; else the paper's ImageNet protocol with the recipe of the model."""
+    that dataset's presets; else the paper's ImageNet protocol with the recipe of the model
+    (--model's, else --init_from's)."""
     if _given("experiment") is not None:
         return experiments.get(_given("experiment"))
-    model = _given("model") or ModelConfig().name
+    inherited = init_model()
+    model = _given("model") or (inherited.name if inherited else ModelConfig().name)
     dataset = dataset or DataConfig().dataset
     if dataset in PROTOCOLS:
         exp = experiments.get(PROTOCOLS[dataset])
@@ -249,6 +274,14 @@ def experiment_from_flags() -> Experiment:
     dataset, source = dataset_from_flags()
     exp = base_experiment(dataset)
     overrides = {}
+    inherited = init_model()
+    if inherited is not None:
+        if _given("experiment") is not None and exp.model.name != inherited.name:
+            raise UserError(f"--experiment={_given('experiment')} trains {exp.model.name}, "
+                            f"--init_from holds {inherited.name}.")
+        # The model is the one whose weights start the run; flags below may change it.
+        for field, value in dataclasses.asdict(inherited).items():
+            overrides[f"model.{field}"] = value
     if dataset is not None and _given("dataset") is None:
         overrides["data.dataset"] = dataset
     if source is not None and _given("data_source") is None:

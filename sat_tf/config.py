@@ -223,6 +223,7 @@ class TrainConfig:
     ema_decay: float | None = None         # e.g. 0.9999; None: no EMA
     optimizer_backward: str | None = None  # Table 1: the optimizer's backward rule (None: natural)
     seed: int = 0
+    init_from: str | None = None           # a run directory whose weights start this run
 
     def validate(self) -> None:
         _positive("global batch size", self.global_batch_size)

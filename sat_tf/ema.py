@@ -44,6 +44,11 @@ class ExponentialMovingAverage(tf.Module):
         for avg, v in zip(self.averages, self._targets.value):
             avg.assign_sub((1.0 - decay) * (avg - tf.cast(tf.convert_to_tensor(v), avg.dtype)))
 
+    def reset(self) -> None:
+        """The averages start again from the model's current weights (after a warm start)."""
+        for avg, v in zip(self.averages, self._targets.value):
+            avg.assign(tf.cast(tf.convert_to_tensor(v), avg.dtype))
+
     def copy_to_model(self) -> None:
         for avg, v in zip(self.averages, self._targets.value):
             v.assign(avg.read_value())

@@ -137,9 +137,11 @@ def _paper(source: str, clean=None, robust=None, robust_attack: str | None = _IM
             "robust_attack": robust_attack if robust is not None else None, **extra}
 
 
-def _imagenet(description: str, model: ModelConfig, recipe: recipes.Recipe, paper: dict,
-              train_backward: str | None = None) -> Experiment:
-    """An ImageNet experiment under the paper's attack protocol."""
+def imagenet_protocol(model: ModelConfig, recipe: recipes.Recipe, *, description: str = "",
+                      paper: dict | None = None,
+                      train_backward: str | None = None) -> Experiment:
+    """An ImageNet experiment of ``model`` under the paper's attack protocol with ``recipe``
+    (the presets below; :mod:`sat_tf.checkpoint_import` for an imported model)."""
     return Experiment(
         description=description,
         model=model,
@@ -150,8 +152,14 @@ def _imagenet(description: str, model: ModelConfig, recipe: recipes.Recipe, pape
                                  clean_start_prob=0.0),
         **recipe.sections(),
         evaluation=EvalConfig(attack_steps=(10, 20, 50)),
-        paper=paper,
+        paper=paper or {},
     )
+
+
+def _imagenet(description: str, model: ModelConfig, recipe: recipes.Recipe, paper: dict,
+              train_backward: str | None = None) -> Experiment:
+    return imagenet_protocol(model, recipe, description=description, paper=paper,
+                             train_backward=train_backward)
 
 
 def _cifar10(description: str, model: ModelConfig) -> Experiment:

@@ -46,7 +46,7 @@ REMOTE_LOCK_STALE_SECONDS = 15 * 60
 # Dotted config paths (or prefixes ending in ".") that may differ when a run is resumed.
 MAY_CHANGE = (
     "name", "description", "paper", "model_dir", "runtime.", "eval_attack.", "evaluation.",
-    "loop.", "train.train_steps", "train.train_epochs",
+    "loop.", "train.train_steps", "train.train_epochs", "train.init_from",
     "data.data_dir", "data.manual_dir", "data.num_parallel_reads", "data.skip_corrupt",
     "data.cache_eval", "data.shuffle_buffer",
 )
@@ -406,3 +406,61 @@ def load_run(model_dir: str, *, checkpoint: str | None = None, use_ema: bool = T
     if ema is not None:
         ema.copy_to_model()
     return model, exp, int(step.numpy()), path
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting from another run's weights
+
+CLASSIFIER_LAYER = "logits"     # sat_tf.models names the classifier so
+
+
+def warm_start(model: keras.Model, init_from: str, *,
+               log: Callable[[str], None] = print) -> dict:
+    """Puts the weights of run directory ``init_from`` (its newest readable checkpoint, EMA
+    weights when it kept them; an imported release is one) into ``model``, weight by weight.
+
+    Every weight of ``model`` must be found in the source's model under the same name with the
+    same shape, and every weight there must be used, except the classifier: when the class
+    counts differ it keeps its fresh initialisation (fine-tuning on another dataset). Anything
+    else is one line naming the first weights that differ, before any weight is set.
+    """
+    if read_experiment(init_from) is None:
+        raise RunDirError(f"init_from {init_from!r} holds no {EXPERIMENT_FILE}; give a run "
+                          "directory (a training run or run/import_checkpoint.py's).")
+    source, src_exp, step, path = load_run(init_from, use_ema=True, log=log)
+    theirs = {w.path: w for w in source.weights}
+    pairs, missing, differ, kept = [], [], [], []
+    for w in model.weights:
+        layer = w.path.split("/")[0]
+        other = theirs.pop(w.path, None)
+        if other is None:
+            missing.append(w.path)
+        elif tuple(other.shape) != tuple(w.shape):
+            if layer == CLASSIFIER_LAYER:
+                kept.append(w.path)
+            else:
+                differ.append(f"{w.path} {list(other.shape)} there, {list(w.shape)} here")
+        else:
+            pairs.append((w, other))
+    unused = list(theirs)      # the source's weights no weight here asked for
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} weights not there ({', '.join(missing[:3])})")
+    if differ:
+        problems.append(f"{len(differ)} of another shape ({', '.join(differ[:2])})")
+    if unused:
+        problems.append(f"{len(unused)} of its weights unused ({', '.join(unused[:3])})")
+    if problems:
+        raise RunDirError(
+            f"init_from {init_from!r} ({src_exp.model.name}, {src_exp.model.activation}) does "
+            f"not fit this run's model ({model.name}): {'; '.join(problems)}.")
+    for w, other in pairs:
+        w.assign(other)
+    weights = "ema" if src_exp.train.ema_decay else "raw"
+    line = (f"Initialised {len(pairs)} weights from {path} (step {step}, {weights} weights of "
+            f"{src_exp.model.name})")
+    if kept:
+        line += "; the classifier keeps its fresh initialisation (another class count)"
+    log(line + ".")
+    return {"checkpoint": path, "step": step, "weights": len(pairs),
+            "classifier_reinitialised": bool(kept)}

@@ -174,6 +174,10 @@ class Trainer:
         """Resumes from the newest readable checkpoint of ``model_dir`` (see
         :func:`rundir.restore_newest_readable`), if it holds this run."""
         if not rundir.find_checkpoints(self.model_dir, rundir.CHECKPOINT_PREFIX):
+            if self.experiment.train.init_from:
+                rundir.warm_start(self.model, self.experiment.train.init_from, log=self.log)
+                if self.ema is not None:
+                    self.ema.reset()
             return
         rundir.check_resumable(self.model_dir, self.experiment)
         restored = rundir.restore_newest_readable(
