@@ -29,6 +29,7 @@ a checkpoint that does not fit with one line and status 1.
 """
 from __future__ import annotations
 
+import os
 import pathlib
 import sys
 
@@ -69,7 +70,8 @@ def arguments_from_flags() -> dict:
             raise UserError(f"--{name} is required.")
         if name == "source":
             checkpoint_import.check_source(FLAGS.source)
-    args = dict(source=FLAGS.source, checkpoint=FLAGS.checkpoint, model_dir=FLAGS.model_dir,
+    args = dict(source=FLAGS.source, checkpoint=os.path.expanduser(FLAGS.checkpoint),
+                model_dir=os.path.expanduser(FLAGS.model_dir),
                 model=FLAGS.model, activation=FLAGS.activation, image_size=FLAGS.image_size,
                 num_classes=FLAGS.num_classes, use_ema=FLAGS.use_ema,
                 input_channels=FLAGS.input_channels)

@@ -136,8 +136,9 @@ _FLAGS = [
     ("init_from", ("train.init_from",),
      "Fine-tune: start from the weights of this run directory (a training run, or a release "
      "imported by run/import_checkpoint.py; its EMA weights when it kept them). The model "
-     "section is that run's unless flags change it; a different --num_classes gets a fresh "
-     "classifier. Ignored once --model_dir holds checkpoints (the run resumes)."),
+     "section is that run's unless flags change it; on another dataset the class count and "
+     "image size are the data's, and another class count gets a fresh classifier. Ignored "
+     "once --model_dir holds checkpoints (the run resumes)."),
     # attack
     ("adversarial", ("train.adversarial",),
      "Adversarial training (--noadversarial: clean training with the same code)."),
@@ -237,8 +238,8 @@ def dataset_from_flags() -> tuple[str, str | None]:
     return dataset, ("tfrecord" if dataset == "cifar10" else None)
 
 
-def init_model() -> ModelConfig | None:
-    """The model section of --init_from's run (TF-free; None without --init_from)."""
+def init_experiment() -> Experiment | None:
+    """--init_from's run (TF-free; None without --init_from)."""
     if _given("init_from") is None:
         return None
     from sat_tf import loading
@@ -249,7 +250,7 @@ def init_model() -> ModelConfig | None:
     if source.experiment is None:      # a bucket: read when training starts
         raise UserError(f"--init_from {_given('init_from')!r}: give a local run directory (its "
                         "model section is read before TensorFlow starts).")
-    return source.experiment.model
+    return source.experiment
 
 
 def base_experiment(dataset: str | None) -> Experiment:
@@ -258,8 +259,8 @@ def base_experiment(dataset: str | None) -> Experiment:
     (--model's, else --init_from's)."""
     if _given("experiment") is not None:
         return experiments.get(_given("experiment"))
-    inherited = init_model()
-    model = _given("model") or (inherited.name if inherited else ModelConfig().name)
+    inherited = init_experiment()
+    model = _given("model") or (inherited.model.name if inherited else ModelConfig().name)
     dataset = dataset or DataConfig().dataset
     if dataset in PROTOCOLS:
         exp = experiments.get(PROTOCOLS[dataset])
@@ -274,14 +275,18 @@ def experiment_from_flags() -> Experiment:
     dataset, source = dataset_from_flags()
     exp = base_experiment(dataset)
     overrides = {}
-    inherited = init_model()
+    inherited = init_experiment()
     if inherited is not None:
-        if _given("experiment") is not None and exp.model.name != inherited.name:
+        if _given("experiment") is not None and exp.model.name != inherited.model.name:
             raise UserError(f"--experiment={_given('experiment')} trains {exp.model.name}, "
-                            f"--init_from holds {inherited.name}.")
-        # The model is the one whose weights start the run; flags below may change it.
-        for field, value in dataclasses.asdict(inherited).items():
-            overrides[f"model.{field}"] = value
+                            f"--init_from holds {inherited.model.name}.")
+        # The model is the one whose weights start the run; flags below may change it. On
+        # other data, the class count and image size are the data's (a fresh classifier).
+        other_data = (overrides.get("data.dataset") or _given("dataset") or exp.data.dataset
+                      ) != inherited.data.dataset
+        for field, value in dataclasses.asdict(inherited.model).items():
+            if not (other_data and field in ("num_classes", "image_size")):
+                overrides[f"model.{field}"] = value
     if dataset is not None and _given("dataset") is None:
         overrides["data.dataset"] = dataset
     if source is not None and _given("data_source") is None:

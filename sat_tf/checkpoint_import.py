@@ -219,7 +219,10 @@ def check_arguments(source: str, *, activation: str | None = None, model: str | 
             raise UserError(f"--input_channels={input_channels} applies to sat-resnet only "
                             f"(the {source} models take RGB).")
     if activation is not None:
-        release_activation(activation)
+        act = release_activation(activation)
+        if source != "sat-resnet" and act != "silu":
+            raise UserError(f"Invalid activation {activation!r} for {source}; its EfficientNets "
+                            "are all silu (swish).")
     if model is not None:
         family, _ = families.parse(model)
         if source == "sat-resnet" and family.name not in ("resnet", "resnext"):
@@ -229,7 +232,8 @@ def check_arguments(source: str, *, activation: str | None = None, model: str | 
         if source != "sat-resnet" and family.name != "efficientnet":
             raise UserError(f"Invalid model {model!r} for {source}; it holds EfficientNets "
                             f"({_efficientnet_names(source)}).")
-        if source == "keras-efficientnet" and model.lower().split("-")[-1] not in KERAS_VARIANTS:
+        if source == "keras-efficientnet" and families.parse(model)[1].get(
+                "variant") not in KERAS_VARIANTS:
             raise UserError(f"Invalid model {model!r} for keras-efficientnet; valid models: "
                             f"{_efficientnet_names(source)}.")
     if source == "keras-efficientnet" and model is None:
@@ -256,7 +260,8 @@ def check_checkpoint_path(source: str, path: str) -> None:
             raise UserError(f"Invalid Keras weights file {path!r}; valid: a .h5 (as Keras "
                             "publishes them) or a .weights.h5 file.")
         if not os.path.isfile(path):
-            raise UserError(f"Keras weights file {path!r} not found.")
+            raise UserError(f"Keras weights file {path!r} "
+                            f"{'is a folder' if os.path.isdir(path) else 'not found'}.")
         return
     if path.endswith(".index"):
         raise UserError(f"Give the checkpoint's prefix, without .index: "
@@ -312,7 +317,16 @@ def tf1_reader(path: str) -> Reader:
         raise UserError(f"Cannot read checkpoint {path!r} ({first[:200]}); give the prefix of "
                         "its .index file (e.g. Res50-silu/Res50-silu).") from None
     shapes = {name: tuple(shape) for name, shape in reader.get_variable_to_shape_map().items()}
-    return Reader(shapes, reader.get_tensor, f"checkpoint {path!r}")
+    description = f"checkpoint {path!r}"
+
+    def get(name):
+        try:
+            return reader.get_tensor(name)
+        except (tf.errors.OpError, IndexError, ValueError) as e:   # a missing or cut .data
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise MismatchError(f"Cannot read {name} from {description} ({first}); is its "
+                                ".data file complete?") from None
+    return Reader(shapes, get, description)
 
 
 def _scan(pattern: str, shapes: dict) -> list[re.Match]:
@@ -340,7 +354,11 @@ def plan_sat_resnet(reader: Reader, *, activation: str | None, model: str | None
         raise MismatchError(f"{reader.description} has {counts} blocks per group, which is no "
                            "bottleneck ResNet (50: (3, 4, 6, 3), 101: (3, 4, 23, 3), "
                            "152: (3, 8, 36, 3)).")
-    kh, kw, per_group, width = shapes["group0/block0/conv2/W"]
+    conv2 = shapes.get("group0/block0/conv2/W", ())
+    if len(conv2) != 4:
+        raise MismatchError(f"{reader.description} has no 4-D group0/block0/conv2/W "
+                            f"({list(conv2) or 'missing'}), which every release ResNet has.")
+    kh, kw, per_group, width = conv2
     groups = width // per_group
     inferred = (f"resnet-{depth}" if groups == 1 else
                 f"resnext-{depth}-{groups}x{width // groups}d")
@@ -484,16 +502,23 @@ def mapping(source: str, model, spec, *, prefix: str = "", ema: bool = False,
 
 
 def _fits(source_shape: tuple, target_shape: tuple) -> bool:
-    """The same shape, or the same one with (leading) axes of size 1 added or dropped: the
+    """The same shape, or the same one with leading axes of size 1 added or dropped: the
     release's [1, 1, 1, 1, C] batch-norm vectors and [1] SmoothReLU betas."""
-    return tuple(source_shape) == tuple(target_shape) or (
-        [d for d in source_shape if d != 1] == [d for d in target_shape if d != 1])
+    def core(shape):
+        shape = list(shape)
+        while shape and shape[0] == 1:
+            shape.pop(0)
+        return shape
+    return tuple(source_shape) == tuple(target_shape) or core(source_shape) == core(target_shape)
 
 
-def not_a_weight(name: str, *, ema_chosen: bool) -> str | None:
-    """Which kind of training state ``name`` is (:data:`NOT_WEIGHTS`), else None."""
-    if name.endswith(EMA_SUFFIX) and not ema_chosen:
+def not_a_weight(name: str, used: set[str], *, ema_chosen: bool) -> str | None:
+    """Which kind of training state ``name`` is, else None: :data:`NOT_WEIGHTS`, or the
+    unchosen twin (moving average or raw weight) of a variable that was read (``used``)."""
+    if not ema_chosen and name.endswith(EMA_SUFFIX) and name[:-len(EMA_SUFFIX)] in used:
         return "unchosen moving averages"
+    if ema_chosen and name + EMA_SUFFIX in used:
+        return "raw weights (their averages imported)"
     for what, pattern in NOT_WEIGHTS:
         if pattern.match(name):
             return what
@@ -524,9 +549,7 @@ def check(assignments: list[Assignment], reader: Reader, *, what: str,
     for name in sorted(reader.shapes):
         if name in used:
             continue
-        kind = not_a_weight(name, ema_chosen=ema_chosen)
-        if kind is None and ema_chosen and name + EMA_SUFFIX in used:
-            kind = "raw weights (their averages imported)"
+        kind = not_a_weight(name, used, ema_chosen=ema_chosen)
         if kind is None:
             leftover.append(name)
         else:
@@ -672,11 +695,14 @@ def import_checkpoint(source: str, checkpoint: str, model_dir: str, *,
     the import record (also written to ``model_dir/import.json``). See the module docstring."""
     check_arguments(source, activation=activation, model=model, input_channels=input_channels,
                     use_ema=use_ema, image_size=image_size, num_classes=num_classes)
-    checkpoint = os.path.expanduser(checkpoint)
+    checkpoint, model_dir = os.path.expanduser(checkpoint), os.path.expanduser(model_dir)
     check_checkpoint_path(source, checkpoint)
     check_model_dir(model_dir)
     import tensorflow as tf
     from sat_tf import models
+    if "://" in model_dir and tf.io.gfile.exists(model_dir) and tf.io.gfile.listdir(model_dir):
+        raise UserError(f"model_dir {model_dir!r} exists and is not empty; an import writes a "
+                        "new run directory (choose a new folder).")
 
     extra = {}
     if source == "keras-efficientnet":
@@ -743,8 +769,9 @@ def _layout_notes(plan: Plan, counts: dict) -> list[str]:
 
 
 def _write_run(model_dir: str, net, exp: Experiment, record: dict) -> None:
-    """experiment.json, ckpt-0 and import.json, written in a scratch folder renamed into place
-    (locally; a bucket folder is written in place, import.json last)."""
+    """ckpt-0, import.json and experiment.json, written in a scratch folder renamed into place
+    (locally; a bucket folder is written in place, experiment.json last: without it no program
+    takes the folder for a run)."""
     import tensorflow as tf
     from sat_tf import rundir
     remote = "://" in model_dir
@@ -754,7 +781,6 @@ def _write_run(model_dir: str, net, exp: Experiment, record: dict) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(model_dir)), exist_ok=True)
     tf.io.gfile.makedirs(work)
     try:
-        rundir.write_experiment(work, exp)
         step = tf.Variable(0, dtype=tf.int64, trainable=False)
         manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=net, step=step), work,
                                              max_to_keep=None,
@@ -762,6 +788,7 @@ def _write_run(model_dir: str, net, exp: Experiment, record: dict) -> None:
         manager.save(checkpoint_number=0)
         with tf.io.gfile.GFile(os.path.join(work, IMPORT_FILE), "w") as f:
             f.write(json.dumps(record, indent=2) + "\n")
+        rundir.write_experiment(work, exp)
         if not remote:
             if os.path.isdir(model_dir):
                 os.rmdir(model_dir)     # empty (check_model_dir)

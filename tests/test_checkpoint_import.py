@@ -327,25 +327,32 @@ def _save_legacy_h5(model, path):
     (ci.IMAGENET_STD, "weights.h5"),
     (tuple(s * s for s in ci.IMAGENET_STD), "weights.h5"),   # a true variance
 ])
-def test_keras_efficientnet_weights_give_keras_logits(tmp_path, variance, fmt):
-    keras_model = _keras_b0(variance)
+def test_keras_efficientnet_weights_give_keras_logits(tmp_path, variance, fmt, monkeypatch):
+    published = variance == ci.IMAGENET_STD
+    size = 224 if published else 64    # Keras' ImageNet model with its head is 224 x 224 only
+    keras_model = _keras_b0(variance, size=size)
     path = str(tmp_path / f"b0.{fmt}")
     if fmt == "h5":
         _save_legacy_h5(keras_model, path)
     else:
         keras_model.save_weights(path)
     record = ci.import_checkpoint("keras-efficientnet", path, str(tmp_path / "run"),
-                                  model="efficientnet-b0", image_size=64, **QUIET)
-    published = variance == ci.IMAGENET_STD
+                                  model="efficientnet-b0", image_size=size, **QUIET)
     assert record["normalization"] == "imagenet"
     assert record["keras_normalization"]["keras_imagenet_rescaling"] == published
     assert (record["bn_epsilon"], record["bn_momentum"]) == (1e-3, 0.99)
-    x = np.random.default_rng(1).uniform(0, 255, (3, 64, 64, 3)).astype(np.float32)
-    # Keras' weights="imagenet" model divides by sqrt(std) once more after its Normalization
-    # layer: the same as feeding it this affine image of x.
-    mean, std = np.array(ci.IMAGENET_MEAN), np.array(ci.IMAGENET_STD)
-    fed = 255 * ((x / 255 - mean) / np.sqrt(std) + mean) if published else x
-    expected = np.asarray(keras_model(fed.astype(np.float32)))
+    x = np.random.default_rng(1).uniform(0, 255, (3, size, size, 3)).astype(np.float32)
+    if published:
+        # What Keras computes for its ImageNet weights: EfficientNetB0(weights="imagenet"),
+        # with its download replaced by this file (its extra Rescaling layer included).
+        from keras.src.applications import efficientnet
+        legacy = str(tmp_path / "efficientnetb0.h5")
+        _save_legacy_h5(keras_model, legacy)
+        monkeypatch.setattr(efficientnet.file_utils, "get_file", lambda *a, **k: legacy)
+        keras_model = keras.applications.EfficientNetB0(
+            weights="imagenet", classifier_activation=None)
+        assert sum(isinstance(layer, keras.layers.Rescaling) for layer in keras_model.layers) == 2
+    expected = np.asarray(keras_model(x))
     model, _, _ = rundir.load_model(str(tmp_path / "run"))
     ours = np.asarray(model(x))
     assert np.abs(expected).max() > 1.0
@@ -386,6 +393,7 @@ def _small_run(tmp_path, name, num_classes=10, ema_decay=None, seed=0):
                          "model_dir": str(tmp_path / name), "train.ema_decay": ema_decay})
     model = rundir.build_model(exp)
     ci._write_run(str(tmp_path / name), model, exp, {"test": True})
+    keras.utils.set_random_seed(0)
     return model, exp
 
 
@@ -407,8 +415,74 @@ def test_warm_start_copies_every_weight_and_refreshes_the_classifier_only(tmp_pa
     assert "\n" not in str(e.value)
 
 
+def test_warm_start_takes_the_sources_averages_and_restarts_this_runs(tmp_path):
+    """A source that kept an EMA gives its averages; a new run with an EMA starts its averages
+    from the weights it was given (not from its random initialisation)."""
+    from sat_tf import ema as ema_lib
+    from sat_tf import training
+    source, exp = _small_run(tmp_path, "source", seed=1)
+    exp = exp.replace(**{"train.ema_decay": 0.99, "model_dir": str(tmp_path / "source")})
+    rundir.write_experiment(str(tmp_path / "source"), exp)
+    averages = ema_lib.ExponentialMovingAverage(source, 0.99)
+    for a in averages.averages:
+        a.assign(a + 1.0)
+    for path in tf.io.gfile.glob(str(tmp_path / "source" / "ckpt-*")):
+        tf.io.gfile.remove(path)
+    tf.train.Checkpoint(model=source, step=tf.Variable(7, dtype=tf.int64),
+                        ema=averages).save(str(tmp_path / "source" / "ckpt"))
+    target = rundir.build_model(exp)
+    info = rundir.warm_start(target, str(tmp_path / "source"), **QUIET)
+    assert info["step"] == 7
+    trained = source.trainable_weights[0].numpy()
+    np.testing.assert_allclose(target.trainable_weights[0].numpy(), trained + 1.0)
+
+    run = exp.replace(**{"model_dir": str(tmp_path / "ft"), "train.train_steps": 1,
+                         "train.init_from": str(tmp_path / "source")})
+    trainer = training.Trainer(run, **QUIET)
+    for avg, w in zip(trainer.ema.averages, trainer.ema._targets.value):
+        np.testing.assert_array_equal(avg.numpy(), np.asarray(w))
+    np.testing.assert_allclose(trainer.model.trainable_weights[0].numpy(), trained + 1.0)
+
+
+def test_the_l1_scope_and_variants_are_read_from_the_names():
+    names = {"efficientnet-bL1/stem/conv2d/kernel" + rr.EMA_SUFFIX: (3, 3, 3, 128),
+             "efficientnet-bL1/head/dense/kernel" + rr.EMA_SUFFIX: (4992, 1000)}
+    reader = ci.Reader(names, None, "checkpoint 'l1'")
+    plan = ci.plan_sat_efficientnet(reader, activation=None, model=None, image_size=None,
+                                    use_ema=None)
+    assert (plan.model, plan.scope, plan.weights, plan.image_size) == (
+        "efficientnet-l1", "efficientnet-bL1", "ema", 600)
+    assert ci._fits((1, 1, 1, 1, 32), (32,)) and ci._fits((1,), ())
+    assert not ci._fits((3, 3, 1, 64), (3, 3, 64, 1)) and not ci._fits((1, 3, 5), (3, 1, 5))
+
+
+def test_stray_averages_and_a_cut_data_file_are_refused(tmp_path, b0_variables):
+    stray = "efficientnet-b0/blocks_99/conv2d/kernel" + rr.EMA_SUFFIX
+    with pytest.raises(ci.MismatchError, match="1 left over .efficientnet-b0/blocks_99/"):
+        _import_b0(tmp_path, b0_variables, [(stray, np.zeros([1], np.float32))])
+    checkpoint = write_checkpoint(tmp_path / "cut" / "model", b0_variables)
+    data = checkpoint + ".data-00000-of-00001"
+    with open(data, "r+b") as f:
+        f.truncate(os.path.getsize(data) // 2)
+    with pytest.raises(ci.MismatchError, match="is its .data file complete") as e:
+        ci.import_checkpoint("sat-efficientnet", checkpoint, str(tmp_path / "run"),
+                             image_size=32, **QUIET)
+    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+
+
+def test_a_bucket_folder_is_written_whole_and_never_over_a_run(tmp_path, b0_variables):
+    checkpoint = write_checkpoint(tmp_path / "ckpt" / "model", b0_variables)
+    bucket = "ram://import-test/run"
+    ci.import_checkpoint("sat-efficientnet", checkpoint, bucket, image_size=32, **QUIET)
+    model, exp, step = rundir.load_model(bucket)
+    assert exp.model.name == "efficientnet-b0" and step == 0
+    with pytest.raises(UserError, match="exists and is not empty"):
+        ci.import_checkpoint("sat-efficientnet", checkpoint, bucket, image_size=32, **QUIET)
+
+
 def test_train_cli_fine_tunes_from_an_imported_run(tmp_path):
-    source, exp = _small_run(tmp_path, "source", num_classes=10)
+    source, exp = _small_run(tmp_path, "source", num_classes=10, seed=1)
+    fresh = rundir.build_model(exp)      # what train.py's seed 0 starts from without the source
     # Fine-tuning with another head: the synthetic data's 5 classes.
     cmd = [sys.executable, str(ROOT / "run" / "train.py"), f"--init_from={tmp_path / 'source'}",
            "--dataset=synthetic", "--num_classes=5", "--train_steps=1", "--train_batch_size=8",
@@ -426,6 +500,7 @@ def test_train_cli_fine_tunes_from_an_imported_run(tmp_path):
     a = source.get_layer("stem_conv").kernel.numpy()
     b = tuned.get_layer("stem_conv").kernel.numpy()
     assert np.abs(a - b).max() < 0.1 * np.abs(a).max()
+    assert np.abs(fresh.get_layer("stem_conv").kernel.numpy() - b).max() > np.abs(a).max()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,6 +536,8 @@ def _without_tensorflow(tmp_path):
     (["--source=keras-efficientnet", "--checkpoint=CKPT", "--model=efficientnet-b0"],
      ["Invalid Keras weights file"]),
     (["--source=sat-resnet", "--checkpoint=CKPT", "--model_dir=TAKEN"], ["not empty"]),
+    (["--source=sat-efficientnet", "--checkpoint=CKPT", "--activation=relu"],
+     ["Invalid activation 'relu' for sat-efficientnet", "silu"]),
 ])
 def test_bad_flags_fail_fast_in_one_line_without_tensorflow(tmp_path, args, words):
     (tmp_path / "ckpt.index").write_text("")
