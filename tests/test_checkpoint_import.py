@@ -587,10 +587,14 @@ def test_cli_imports_and_eval_and_export_use_the_run(tmp_path):
     np.testing.assert_allclose(served.signatures["serving_default"](images=x)["logits"].numpy(),
                                np.asarray(model(x)), rtol=1e-5, atol=1e-5)
     assert exported is not None
-    proc = subprocess.run([sys.executable, IMPORT, "--source=keras-efficientnet",
-                           "--model=efficientnet-b1", f"--checkpoint={tmp_path / 'b0.weights.h5'}",
-                           f"--model_dir={tmp_path / 'b1'}"],
+    # A checkpoint that is not the source's: one line, status 1, nothing written.
+    other = write_checkpoint(tmp_path / "other" / "model",
+                             [("conv0/W", (7, 7, 3, 64)), ("linear/W", (2048, 10))])
+    proc = subprocess.run([sys.executable, IMPORT, "--source=sat-efficientnet",
+                           f"--checkpoint={other}", f"--model_dir={tmp_path / 'b1'}"],
                           capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith("import_checkpoint.py: error: Keras")
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "import_checkpoint.py: error: checkpoint "), proc.stderr
+    assert "is not a SAT EfficientNet checkpoint" in proc.stderr
     assert not (tmp_path / "b1").exists()
