@@ -35,7 +35,7 @@ The run directory holds ``experiment.json`` (the paper's ImageNet protocol for t
 the release's own numbers as ``paper``), ``ckpt-0`` and ``import.json`` (what was read and how);
 ``run/eval.py`` and ``run/export.py`` use it as any run, ``run/train.py --init_from`` fine-tunes
 from it. It is written in a scratch folder and renamed into place, so a failed import leaves no
-half-written run.
+half-written run (and the scratch folder of a killed one is deleted by the next import there).
 """
 from __future__ import annotations
 
@@ -768,6 +768,22 @@ def _layout_notes(plan: Plan, counts: dict) -> list[str]:
     return notes
 
 
+def _remove_abandoned(model_dir: str) -> None:
+    """Deletes the scratch folders of earlier imports into ``model_dir`` whose process is gone
+    (killed while writing: the run directory itself was never created)."""
+    import glob
+    for path in glob.glob(f"{glob.escape(model_dir.rstrip('/'))}.importing-*"):
+        pid = path.rsplit("-", 1)[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:       # alive, owned by someone else
+            pass
+
+
 def _write_run(model_dir: str, net, exp: Experiment, record: dict) -> None:
     """ckpt-0, import.json and experiment.json, written in a scratch folder renamed into place
     (locally; a bucket folder is written in place, experiment.json last: without it no program
@@ -777,6 +793,7 @@ def _write_run(model_dir: str, net, exp: Experiment, record: dict) -> None:
     remote = "://" in model_dir
     work = model_dir if remote else f"{model_dir.rstrip('/')}.importing-{os.getpid()}"
     if not remote:
+        _remove_abandoned(model_dir)
         shutil.rmtree(work, ignore_errors=True)
         os.makedirs(os.path.dirname(os.path.abspath(model_dir)), exist_ok=True)
     tf.io.gfile.makedirs(work)

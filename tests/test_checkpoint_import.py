@@ -282,6 +282,17 @@ def test_the_release_names_and_numbers_reach_the_run(tmp_path):
     assert ci.release_activation("smoothrelu") == "smooth_relu"
 
 
+def test_a_killed_imports_scratch_folder_is_cleared_by_the_next(tmp_path, b0_variables):
+    # What an import killed while writing leaves: its scratch folder, named by its process.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (tmp_path / f"run.importing-{dead}" / "ckpt-0_temp").mkdir(parents=True)
+    alive = tmp_path / f"run.importing-{os.getppid()}"     # another import still writing
+    alive.mkdir()
+    _import_b0(tmp_path, b0_variables)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ckpt", "run", alive.name])
+
+
 def test_a_failed_write_leaves_no_run_directory(tmp_path, b0_variables, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
