@@ -51,7 +51,7 @@ import numpy as np
 
 from sat_tf import experiments, families, names, recipes
 from sat_tf.config import DataConfig, Experiment, ModelConfig
-from sat_tf.errors import UserError
+from sat_tf.errors import UserError, check_choice, mismatch
 
 IMPORT_FILE = "import.json"
 SOURCES = ("sat-resnet", "sat-efficientnet", "keras-efficientnet")
@@ -167,8 +167,7 @@ RELEASE_RESULTS = {
 # Keras' input normalisation (keras.applications efficientnet.py): its published ImageNet files
 # hold the ImageNet standard deviations as the Normalization layer's *variance*, and
 # EfficientNetBx(weights="imagenet") divides once more by their square roots.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = names.IMAGENET_MEAN, names.IMAGENET_STD
 KERAS_BN_MOMENTUM, KERAS_BN_EPSILON = 0.99, 1e-3
 KERAS_VARIANTS = ("b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7")
 RELEASE_BN_MOMENTUM, RELEASE_BN_EPSILON = 0.9, 1e-5   # tensorpack's; the EfficientNet README's
@@ -199,13 +198,8 @@ class Plan:
     notes: tuple[str, ...] = ()
 
 
-def _check_choice(what: str, value, choices) -> None:
-    if value not in choices:
-        raise UserError(f"Invalid {what} {value!r}; valid choices: {', '.join(choices)}.")
-
-
 def check_source(source: str) -> None:
-    _check_choice("source", source, SOURCES)
+    check_choice("source", source, SOURCES)
 
 
 def check_arguments(source: str, *, activation: str | None = None, model: str | None = None,
@@ -214,7 +208,7 @@ def check_arguments(source: str, *, activation: str | None = None, model: str | 
     """One-line UserErrors for bad arguments, before any file is read (no TensorFlow)."""
     check_source(source)
     if input_channels is not None:
-        _check_choice("input_channels", input_channels, INPUT_CHANNELS)
+        check_choice("input_channels", input_channels, INPUT_CHANNELS)
         if source != "sat-resnet" and input_channels != "rgb":
             raise UserError(f"--input_channels={input_channels} applies to sat-resnet only "
                             f"(the {source} models take RGB).")
@@ -471,13 +465,13 @@ def mapping(source: str, model, spec, *, prefix: str = "", ema: bool = False,
     assigns one twice (a gap in the table, not the checkpoint's fault)."""
     table, kinds = RELEASE_LAYERS[source], WEIGHT_NAMES[source]
     by_layer = {layer.name: layer for layer in model.layers}
-    rows = [(ours, kind, theirs, {}) for ours, kind, theirs in table["stem"]]
+    rows = list(table["stem"])
     for n, context in _block_context(source, spec):
-        rows += [(ours.format(n=n), kind, theirs.format(**context), context)
+        rows += [(ours.format(n=n), kind, theirs.format(**context))
                  for ours, kind, theirs in table["block"]]
-    rows += [(ours, kind, theirs, {}) for ours, kind, theirs in table["head"]]
+    rows += table["head"]
     out, seen = [], set()
-    for ours, kind, theirs, _ in rows:
+    for ours, kind, theirs in rows:
         layer = by_layer.get(ours)
         if layer is None or not layer.weights:
             continue
@@ -525,11 +519,6 @@ def not_a_weight(name: str, used: set[str], *, ema_chosen: bool) -> str | None:
     return None
 
 
-def _first(items: list[str], k: int = 3) -> str:
-    more = f", ... ({len(items)} in all)" if len(items) > k else ""
-    return ", ".join(items[:k]) + more
-
-
 def check(assignments: list[Assignment], reader: Reader, *, what: str,
           ema_chosen: bool = False) -> dict:
     """Raises one line if a variable is missing, of another shape, or left over (and not
@@ -554,15 +543,10 @@ def check(assignments: list[Assignment], reader: Reader, *, what: str,
             leftover.append(name)
         else:
             ignored[kind] = ignored.get(kind, 0) + 1
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} variables missing ({_first(missing)})")
-    if wrong:
-        problems.append(f"{len(wrong)} of another shape ({_first(wrong, 2)})")
-    if leftover:
-        problems.append(f"{len(leftover)} left over ({_first(leftover)})")
+    problems = mismatch(("variables missing", missing, 3), ("of another shape", wrong, 2),
+                        ("left over", leftover, 3))
     if problems:
-        raise MismatchError(f"{reader.description} does not fit {what}: {'; '.join(problems)}.")
+        raise MismatchError(f"{reader.description} does not fit {what}: {problems}.")
     return {"variables_read": len(assignments), "reshaped": layout, "ignored": ignored}
 
 

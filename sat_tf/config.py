@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sat_tf import names
-from sat_tf.errors import UserError
+from sat_tf.errors import UserError, check_choice
 
 DATASETS = ("synthetic", "digits", "cifar10", "imagenet", "images")
 # How a folder of encoded images (imagenet, images) becomes model input: "imagenet" (random
@@ -46,9 +46,7 @@ RESUME_INPUT = ("restart", "skip")
 WEIGHT_DECAY_SCOPES = ("kernels", "non_bn")
 
 
-def _choice(what: str, value, choices) -> None:
-    if value not in choices:
-        raise UserError(f"Invalid {what} {value!r}; valid choices: {', '.join(map(str, choices))}.")
+_choice = check_choice
 
 
 MAX_COUNT = 2**31 - 1   # steps, batches, examples...: TensorFlow counts them in int32 or int64

@@ -25,8 +25,7 @@ from sat_tf import families, names
 from sat_tf.config import ModelConfig
 from sat_tf.errors import UserError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = names.IMAGENET_MEAN, names.IMAGENET_STD
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,6 +54,8 @@ def backward_rule(name: str | None) -> str | None:
 # ---- models (sat_tf.families registers the families; sat_tf.models builds them) -------------
 MODEL_NAMES_HELP = families.NAMES_HELP
 NORMALIZATIONS = ("sat", "imagenet")   # the input scaling: x*2/255-1, or ImageNet mean / std
+IMAGENET_MEAN = (0.485, 0.456, 0.406)   # "imagenet": of pixels / 255, per RGB channel
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _activation = activation   # check_model's argument of the same name hides it
 

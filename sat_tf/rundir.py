@@ -35,7 +35,7 @@ import tensorflow as tf
 from sat_tf import data as data_lib
 from sat_tf.config import Experiment
 from sat_tf.ema import ExponentialMovingAverage
-from sat_tf.errors import UserError
+from sat_tf.errors import UserError, mismatch
 
 EXPERIMENT_FILE = "experiment.json"
 CHECKPOINT_PREFIX = "ckpt"
@@ -443,17 +443,12 @@ def warm_start(model: keras.Model, init_from: str, *,
         else:
             pairs.append((w, other))
     unused = list(theirs)      # the source's weights no weight here asked for
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} weights not there ({', '.join(missing[:3])})")
-    if differ:
-        problems.append(f"{len(differ)} of another shape ({', '.join(differ[:2])})")
-    if unused:
-        problems.append(f"{len(unused)} of its weights unused ({', '.join(unused[:3])})")
+    problems = mismatch(("weights not there", missing, 3), ("of another shape", differ, 2),
+                        ("of its weights unused", unused, 3))
     if problems:
         raise RunDirError(
             f"init_from {init_from!r} ({src_exp.model.name}, {src_exp.model.activation}) does "
-            f"not fit this run's model ({model.name}): {'; '.join(problems)}.")
+            f"not fit this run's model ({model.name}): {problems}.")
     for w, other in pairs:
         w.assign(other)
     weights = "ema" if src_exp.train.ema_decay else "raw"

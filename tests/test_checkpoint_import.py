@@ -22,6 +22,7 @@ from sat_tf.errors import UserError
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import release_reference as rr  # noqa: E402
+from test_train_cli import _without_tensorflow  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data" / "sat_release"
@@ -517,14 +518,6 @@ def test_train_cli_fine_tunes_from_an_imported_run(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The command line
 
-def _without_tensorflow(tmp_path):
-    fake = tmp_path / "fake"
-    (fake / "tensorflow").mkdir(parents=True)
-    (fake / "tensorflow" / "__init__.py").write_text("raise ImportError('TF was imported')\n")
-    return dict(ENV, PYTHONPATH=os.pathsep.join(p for p in (str(fake), ENV.get("PYTHONPATH"))
-                                                if p))
-
-
 @pytest.mark.parametrize("args, words", [
     ([], ["--source is required"]),
     (["--source=tensorpack"], ["Invalid source 'tensorpack'", "sat-resnet, sat-efficientnet"]),
@@ -591,13 +584,12 @@ def test_cli_imports_and_eval_and_export_use_the_run(tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["model"]["name"] == "efficientnet-b0" and report["model"]["step"] == 0
     from sat_tf import export, loading
-    exported = export.export_run(loading.resolve(model_dir=str(run)), str(tmp_path / "export"))
+    export.export_run(loading.resolve(model_dir=str(run)), str(tmp_path / "export"))
     served = tf.saved_model.load(str(tmp_path / "export"))
     x = np.random.default_rng(2).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
     model, _, _ = rundir.load_model(str(run))
     np.testing.assert_allclose(served.signatures["serving_default"](images=x)["logits"].numpy(),
                                np.asarray(model(x)), rtol=1e-5, atol=1e-5)
-    assert exported is not None
     # A checkpoint that is not the source's: one line, status 1, nothing written.
     other = write_checkpoint(tmp_path / "other" / "model",
                              [("conv0/W", (7, 7, 3, 64)), ("linear/W", (2048, 10))])
